@@ -1,0 +1,93 @@
+// Operator schemas of the `rgkernels` namespace and the Python module `rgkernels._C`.
+//
+// The CPU implementations are registered in csrc/cpu/, the CUDA ones in csrc/cuda/ (each file
+// registers its own with TORCH_LIBRARY_IMPL). Fake (meta) implementations live in Python
+// (rgkernels/ops/_fake.py) so that the ops trace under torch.compile.
+//
+// Tensors passed in are 2-D views [C, K] of a layer's weight (any strides); outputs are
+// contiguous [C, K]. keep_counts are int32 [C]; grad_threshold has the threshold's dtype (float32).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "rgkernels/masked_weight.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace rgkernels {
+
+static void check_weight_threshold(const at::Tensor& weight, const at::Tensor& threshold,
+                                   const char* op) {
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be a 2-D [C, K] view, got ", weight.dim(),
+              " dims");
+  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), op,
+              ": weight must be floating point, got ", weight.scalar_type());
+  TORCH_CHECK(threshold.dim() == 1, op, ": threshold must be 1-D, got shape ", threshold.sizes());
+  TORCH_CHECK(threshold.scalar_type() == at::kFloat, op, ": threshold must be float32, got ",
+              threshold.scalar_type());
+  TORCH_CHECK(threshold.size(0) == weight.size(0), op, ": threshold has ", threshold.size(0),
+              " entries but weight has ", weight.size(0), " output channels");
+  TORCH_CHECK(threshold.device() == weight.device(), op, ": threshold is on ", threshold.device(),
+              " but weight is on ", weight.device());
+}
+
+void check_fwd_inputs(const at::Tensor& weight, const at::Tensor& threshold, const char* op) {
+  check_weight_threshold(weight, threshold, op);
+  TORCH_CHECK(threshold.is_contiguous(), op, ": threshold must be contiguous (it is reset in place)");
+}
+
+void check_bwd_inputs(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& threshold,
+                      int64_t grad_mode, const char* op) {
+  check_weight_threshold(weight, threshold, op);
+  TORCH_CHECK(grad.sizes() == weight.sizes(), op, ": grad has shape ", grad.sizes(),
+              " but weight has shape ", weight.sizes());
+  TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), op, ": grad dtype ", grad.scalar_type(),
+              " differs from weight dtype ", weight.scalar_type());
+  TORCH_CHECK(grad.device() == weight.device(), op, ": grad is on ", grad.device(),
+              " but weight is on ", weight.device());
+  TORCH_CHECK(grad_mode == kGradModeDst || grad_mode == kGradModeMasked, op,
+              ": grad_mode must be 0 (dst) or 1 (masked), got ", grad_mode);
+}
+
+}  // namespace rgkernels
+
+TORCH_LIBRARY(rgkernels, m) {
+  m.def("masked_weight_fwd(Tensor weight, Tensor(a!) threshold, float guard_ratio) -> (Tensor, Tensor)");
+  m.def("masked_weight_bwd(Tensor grad, Tensor weight, Tensor threshold, int grad_mode) -> (Tensor, Tensor)");
+  m.def("masked_weight_grouped_fwd(Tensor[] weights, Tensor(a!)[] thresholds, float guard_ratio) -> (Tensor[], Tensor[])");
+  m.def("masked_weight_grouped_bwd(Tensor[] grads, Tensor[] weights, Tensor[] thresholds, int grad_mode) -> (Tensor[], Tensor[])");
+}
+
+// What was compiled into this build, for `python -m rgkernels.info`.
+static pybind11::dict build_info() {
+  pybind11::dict d;
+#ifdef RGKERNELS_WITH_CUDA
+  d["cuda"] = true;
+#ifdef CUDART_VERSION
+  d["cuda_runtime_version"] = CUDART_VERSION;
+#endif
+#else
+  d["cuda"] = false;
+#endif
+#ifdef _OPENMP
+  d["openmp"] = _OPENMP;
+  d["omp_max_threads"] = omp_get_max_threads();
+#else
+  d["openmp"] = 0;
+#endif
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  d["compiler"] = std::string("unknown");
+#endif
+  d["torch_version"] = std::string(TORCH_VERSION);
+  return d;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rgkernels compiled kernels; the ops are registered under torch.ops.rgkernels";
+  m.def("build_info", &build_info, "what this build of the extension contains");
+}
