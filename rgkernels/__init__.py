@@ -1,0 +1,27 @@
+"""rgkernels: fused masked-weight kernels and masked layers for dynamic pruning (RG-GAN).
+
+Knows nothing of GANs. Public names (DESIGN.md §3):
+    masked_weight, masked_weight_grouped          the fused op (rgkernels/ops/masked_weight.py)
+    MaskedLinear, MaskedConv2d, sparsify, set_sparse, keep_ratio, count_flops   (layers)
+    use_backend                                   force a backend inside a `with` block
+Run `python -m rgkernels.info` to see which backends are built and which one each device uses.
+"""
+from . import _backend
+from ._backend import RGKernelsWarning, use_backend
+from .ops import reference as _reference  # noqa: F401  (registers the reference ops)
+
+if _backend.extension() is not None:
+    from .ops import compiled as _compiled  # noqa: F401  (fake impls of the compiled ops)
+
+from .ops.masked_weight import masked_weight, masked_weight_grouped
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "masked_weight",
+    "masked_weight_grouped",
+    "use_backend",
+    "RGKernelsWarning",
+]
+
+# ---- masked layers, conversion, FLOP accounting (below this line) ----------------------------

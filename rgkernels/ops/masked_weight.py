@@ -1,0 +1,187 @@
+"""`masked_weight`: W_hat = W * S(|W| - t) with the threshold and weight gradients of DESIGN.md §2.
+
+One kernel launch for the forward (mask, masked weight, per-row keep counts, collapse guard) and
+one for the backward (threshold gradient and masked weight gradient in one pass over W, t, g).
+`masked_weight_grouped` does the same for every masked layer of a network in one launch each way.
+
+The backends (compiled CUDA / CPU, Triton, PyTorch reference) are custom ops; this module checks
+the inputs, picks the backend (rgkernels._backend) and wraps them in autograd Functions.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from . import reference
+
+GRAD_MODES = reference.GRAD_MODES
+DEFAULT_GUARD_RATIO = 0.01  # DESIGN.md §1: keep ratio <= 1% resets the layer's threshold
+
+
+def _ops(backend: str):
+    """(fwd, bwd, grouped_fwd, grouped_bwd) of a backend, as torch.ops callables."""
+    ns = torch.ops.rgkernels
+    if backend in ("cpu", "cuda"):  # one compiled op, dispatched on the tensors' device
+        return ns.masked_weight_fwd, ns.masked_weight_bwd, ns.masked_weight_grouped_fwd, ns.masked_weight_grouped_bwd
+    if backend == "triton":
+        from . import triton_masked_weight  # noqa: F401  (registers the ops)
+
+        return (ns.triton_masked_weight_fwd, ns.triton_masked_weight_bwd,
+                ns.triton_masked_weight_grouped_fwd, ns.triton_masked_weight_grouped_bwd)
+    return (ns.ref_masked_weight_fwd, ns.ref_masked_weight_bwd,
+            ns.ref_masked_weight_grouped_fwd, ns.ref_masked_weight_grouped_bwd)
+
+
+def _grad_mode_id(grad_mode: str) -> int:
+    try:
+        return GRAD_MODES[grad_mode]
+    except KeyError:
+        raise ValueError(f"grad_mode must be one of {sorted(GRAD_MODES)}, got {grad_mode!r}") from None
+
+
+def _check(weight: Tensor, threshold: Tensor, where: str = "masked_weight") -> None:
+    if not isinstance(weight, Tensor) or not isinstance(threshold, Tensor):
+        raise TypeError(f"{where}: weight and threshold must be tensors")
+    if not weight.is_floating_point():
+        raise TypeError(f"{where}: weight must be a floating-point tensor, got {weight.dtype}")
+    if not threshold.is_floating_point():
+        raise TypeError(f"{where}: threshold must be a floating-point tensor, got {threshold.dtype}")
+    if weight.dim() < 1:
+        raise ValueError(f"{where}: weight must have at least 1 dimension (output channels first)")
+    if threshold.dim() != 1 or threshold.shape[0] != weight.shape[0]:
+        raise ValueError(f"{where}: threshold must have shape [{weight.shape[0]}] (one entry per output "
+                         f"channel of a weight of shape {tuple(weight.shape)}), got {tuple(threshold.shape)}")
+    if weight.device != threshold.device:
+        raise ValueError(f"{where}: weight is on {weight.device} but threshold is on {threshold.device}")
+
+
+def _as_rows(weight: Tensor) -> Tensor:
+    """[C, ...] -> a [C, K] view (a copy only when the trailing dims cannot be merged)."""
+    c = weight.shape[0]
+    k = 1
+    for s in weight.shape[1:]:
+        k *= s
+    return weight.reshape(c, k)
+
+
+def _resolve(weight: Tensor, threshold: Tensor, backend: Optional[str]) -> str:
+    name = _backend.choose(weight.device.type, backend)
+    # The compiled and Triton kernels take float32 thresholds and fp32/fp16/bf16(/fp64 on CPU)
+    # weights; anything else (a float64 threshold in a float64 reference check, say) runs the
+    # reference, with a warning.
+    if name != "reference" and threshold.dtype != torch.float32:
+        if backend is not None:
+            raise TypeError(f"masked_weight: the {name} backend needs a float32 threshold, got {threshold.dtype}")
+        _backend.warn_once(f"threshold-dtype:{threshold.dtype}",
+                           f"rgkernels: threshold dtype {threshold.dtype} is not float32; "
+                           f"using the reference backend for it")
+        return "reference"
+    return name
+
+
+class _MaskedWeightFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, threshold, grad_mode_id, guard_ratio, backend):
+        w2 = _as_rows(weight)
+        fwd, bwd, _, _ = _ops(backend)
+        out, counts = fwd(w2, threshold, guard_ratio)  # may reset `threshold` in place (guard)
+        ctx.save_for_backward(weight, threshold)
+        ctx.bwd = bwd
+        ctx.grad_mode_id = grad_mode_id
+        ctx.mark_non_differentiable(counts)
+        return out.view(weight.shape), counts
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_counts):
+        weight, threshold = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None
+        gw, gt = ctx.bwd(_as_rows(grad_out), _as_rows(weight), threshold, ctx.grad_mode_id)
+        gw = gw.view(weight.shape) if ctx.needs_input_grad[0] else None
+        gt = gt if ctx.needs_input_grad[1] else None
+        return gw, gt, None, None, None
+
+
+def masked_weight(
+    weight: Tensor,
+    threshold: Tensor,
+    grad_mode: str = "dst",
+    *,
+    guard_ratio: Optional[float] = DEFAULT_GUARD_RATIO,
+    backend: Optional[str] = None,
+    return_counts: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """W * S(|W| - t) with RG-GAN's gradients (DESIGN.md §2).
+
+    Args:
+        weight: [C_out, ...] weight (any float dtype, any strides).
+        threshold: [C_out] threshold, float32 for the fast backends. Reset to 0 in place when
+            the collapse guard fires.
+        grad_mode: "dst" (default; what the published results used) or "masked".
+        guard_ratio: keep ratio at or under which the threshold is reset (None disables the guard).
+        backend: force "cuda", "triton", "cpu" or "reference" (default: chosen per device).
+        return_counts: also return the int32 keep counts per output channel.
+    """
+    _check(weight, threshold)
+    gm = _grad_mode_id(grad_mode)
+    g = -1.0 if guard_ratio is None else float(guard_ratio)
+    name = _resolve(weight, threshold, backend)
+    out, counts = _MaskedWeightFn.apply(weight, threshold, gm, g, name)
+    return (out, counts) if return_counts else out
+
+
+class _GroupedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, n, grad_mode_id, guard_ratio, backend, *tensors):
+        weights, thresholds = list(tensors[:n]), list(tensors[n:])
+        _, _, gfwd, gbwd = _ops(backend)
+        outs, counts = gfwd([_as_rows(w) for w in weights], thresholds, guard_ratio)
+        ctx.save_for_backward(*weights, *thresholds)
+        ctx.n, ctx.gbwd, ctx.grad_mode_id = n, gbwd, grad_mode_id
+        ctx.mark_non_differentiable(*counts)
+        return (*[o.view(w.shape) for o, w in zip(outs, weights)], *counts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = ctx.n
+        saved = ctx.saved_tensors
+        weights, thresholds = saved[:n], saved[n:]
+        gws, gts = ctx.gbwd([_as_rows(g) for g in grads[:n]], [_as_rows(w) for w in weights],
+                            list(thresholds), ctx.grad_mode_id)
+        gws = [g.view(w.shape) for g, w in zip(gws, weights)]
+        return (None, None, None, None, *gws, *gts)
+
+
+def masked_weight_grouped(
+    weights: Sequence[Tensor],
+    thresholds: Sequence[Tensor],
+    grad_mode: str = "dst",
+    *,
+    guard_ratio: Optional[float] = DEFAULT_GUARD_RATIO,
+    backend: Optional[str] = None,
+) -> Tuple[List[Tensor], List[Tensor]]:
+    """`masked_weight` for many layers at once: one launch forward, one launch backward.
+
+    Returns (masked weights, keep counts), in the order of `weights`. All tensors must be on one
+    device; layers of different dtypes are allowed.
+    """
+    weights, thresholds = list(weights), list(thresholds)
+    if len(weights) != len(thresholds):
+        raise ValueError(f"masked_weight_grouped: {len(weights)} weights but {len(thresholds)} thresholds")
+    if not weights:
+        return [], []
+    for i, (w, t) in enumerate(zip(weights, thresholds)):
+        _check(w, t, where=f"masked_weight_grouped (layer {i})")
+        if w.device != weights[0].device:
+            raise ValueError(f"masked_weight_grouped: layer {i} is on {w.device}, layer 0 on {weights[0].device}")
+    gm = _grad_mode_id(grad_mode)
+    g = -1.0 if guard_ratio is None else float(guard_ratio)
+    name = backend
+    names = {_resolve(w, t, backend) for w, t in zip(weights, thresholds)}
+    name = "reference" if "reference" in names else names.pop()
+    n = len(weights)
+    res = _GroupedFn.apply(n, gm, g, name, *weights, *thresholds)
+    return list(res[:n]), list(res[n:])
