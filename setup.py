@@ -14,6 +14,7 @@ Environment variables:
 """
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
 
@@ -24,10 +25,32 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _find_cuda_home() -> None:
+    """Set CUDA_HOME when it is unset and torch would guess it wrong.
+
+    torch derives CUDA_HOME from the `nvcc` on PATH; when that is a wrapper script (here
+    /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc) the guess (/usr/local) has no CUDA
+    headers. Prefer a directory that really holds include/cuda_runtime.h.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and \
+                os.path.exists(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _extensions():
     if _flag("RGKERNELS_SKIP_EXTENSION"):
         print("rggan-fast: RGKERNELS_SKIP_EXTENSION set, building no extension")
         return [], {}
+    _find_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 

@@ -94,8 +94,10 @@ def availability(backend: str, device_type: str) -> Tuple[bool, str]:
             return False, "no CUDA device"
         return True, ""
     if backend == "triton":
-        from .ops import triton_masked_weight
-
+        try:
+            from .ops import triton_masked_weight
+        except Exception as exc:  # triton missing or broken: report, never crash
+            return False, f"Triton backend failed to import ({type(exc).__name__}: {exc})".splitlines()[0]
         ok, why = triton_masked_weight.available()
         if ok and device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             return False, "Triton runs CPU tensors only under TRITON_INTERPRET=1"
