@@ -6,7 +6,16 @@
 //
 // Tensors passed in are 2-D views [C, K] of a layer's weight (any strides); outputs are
 // contiguous [C, K]. keep_counts are int32 [C]; grad_threshold has the threshold's dtype (float32).
+// The grouped forward takes weights of ONE dtype and returns one flat buffer holding every masked
+// weight (layer after layer, each a contiguous [C_i*K_i] block) and one flat int32 buffer of keep
+// counts ([sum C_i]): a mutating op may not return Tensor[] (torch.compile cannot functionalize it).
+//
+// Define RGKERNELS_NO_PYTHON (the standalone CMake build does) to compile this file against
+// libtorch alone: the schemas and checks stay, the Python module part is left out.
+#ifndef RGKERNELS_NO_PYTHON
 #include <torch/extension.h>
+#endif
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "rgkernels/masked_weight.h"
@@ -55,10 +64,11 @@ void check_bwd_inputs(const at::Tensor& grad, const at::Tensor& weight, const at
 TORCH_LIBRARY(rgkernels, m) {
   m.def("masked_weight_fwd(Tensor weight, Tensor(a!) threshold, float guard_ratio) -> (Tensor, Tensor)");
   m.def("masked_weight_bwd(Tensor grad, Tensor weight, Tensor threshold, int grad_mode) -> (Tensor, Tensor)");
-  m.def("masked_weight_grouped_fwd(Tensor[] weights, Tensor(a!)[] thresholds, float guard_ratio) -> (Tensor[], Tensor[])");
+  m.def("masked_weight_grouped_fwd(Tensor[] weights, Tensor(a!)[] thresholds, float guard_ratio) -> (Tensor, Tensor)");
   m.def("masked_weight_grouped_bwd(Tensor[] grads, Tensor[] weights, Tensor[] thresholds, int grad_mode) -> (Tensor[], Tensor[])");
 }
 
+#ifndef RGKERNELS_NO_PYTHON
 // What was compiled into this build, for `python -m rgkernels.info`.
 static pybind11::dict build_info() {
   pybind11::dict d;
@@ -91,3 +101,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rgkernels compiled kernels; the ops are registered under torch.ops.rgkernels";
   m.def("build_info", &build_info, "what this build of the extension contains");
 }
+#endif  // RGKERNELS_NO_PYTHON

@@ -138,11 +138,13 @@ class _GroupedFn(torch.autograd.Function):
     def forward(ctx, n, grad_mode_id, guard_ratio, backend, *tensors):
         weights, thresholds = list(tensors[:n]), list(tensors[n:])
         _, _, gfwd, gbwd = _ops(backend)
-        outs, counts = gfwd([_as_rows(w) for w in weights], thresholds, guard_ratio)
+        flat_out, flat_counts = gfwd([_as_rows(w) for w in weights], thresholds, guard_ratio)
+        outs = [o.view(w.shape) for o, w in zip(flat_out.split([w.numel() for w in weights]), weights)]
+        counts = list(flat_counts.split([w.shape[0] for w in weights]))
         ctx.save_for_backward(*weights, *thresholds)
         ctx.n, ctx.gbwd, ctx.grad_mode_id = n, gbwd, grad_mode_id
         ctx.mark_non_differentiable(*counts)
-        return (*[o.view(w.shape) for o, w in zip(outs, weights)], *counts)
+        return (*outs, *counts)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -166,7 +168,8 @@ def masked_weight_grouped(
     """`masked_weight` for many layers at once: one launch forward, one launch backward.
 
     Returns (masked weights, keep counts), in the order of `weights`. All tensors must be on one
-    device; layers of different dtypes are allowed.
+    device; layers of different dtypes are allowed (one launch per dtype). The masked weights are
+    views into one flat buffer per dtype.
     """
     weights, thresholds = list(weights), list(thresholds)
     if len(weights) != len(thresholds):
@@ -179,9 +182,17 @@ def masked_weight_grouped(
             raise ValueError(f"masked_weight_grouped: layer {i} is on {w.device}, layer 0 on {weights[0].device}")
     gm = _grad_mode_id(grad_mode)
     g = -1.0 if guard_ratio is None else float(guard_ratio)
-    name = backend
-    names = {_resolve(w, t, backend) for w, t in zip(weights, thresholds)}
-    name = "reference" if "reference" in names else names.pop()
-    n = len(weights)
-    res = _GroupedFn.apply(n, gm, g, name, *weights, *thresholds)
-    return list(res[:n]), list(res[n:])
+    # One launch per dtype (the kernels write one flat buffer per call); usually a single group.
+    groups = {}
+    for i, w in enumerate(weights):
+        groups.setdefault(w.dtype, []).append(i)
+    outs: List[Optional[Tensor]] = [None] * len(weights)
+    counts: List[Optional[Tensor]] = [None] * len(weights)
+    for idx in groups.values():
+        ws, ts = [weights[i] for i in idx], [thresholds[i] for i in idx]
+        names = {_resolve(w, t, backend) for w, t in zip(ws, ts)}
+        name = "reference" if "reference" in names else names.pop()
+        res = _GroupedFn.apply(len(idx), gm, g, name, *ws, *ts)
+        for j, i in enumerate(idx):
+            outs[i], counts[i] = res[j], res[len(idx) + j]
+    return outs, counts

@@ -8,6 +8,10 @@ backends and traces under torch.compile; the math below works on any device and 
 Conventions shared by all backends:
   * `weight` is a 2-D view [C, K] of a layer's weight (any strides), `threshold` is [C].
   * x = |W| - t is computed in float32 (float64 when the weight is float64), so the mask is exact.
+  * The grouped forward takes layers of one dtype and returns ONE flat buffer with every masked
+    weight (layer after layer, each contiguous) and one flat int32 buffer of keep counts: a
+    mutating custom op may not return lists (torch.compile cannot functionalize it), and one
+    arena is also one allocation.
   * The collapse guard (guard_ratio >= 0) resets `threshold` to 0 in place, without a host sync,
     when sum(M) / numel <= guard_ratio.
 """
@@ -28,7 +32,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def surrogate_grad(x: Tensor) -> Tensor:
     """H'(x): 2 - 4|x| on |x| <= 0.4, 0.4 on 0.4 < |x| <= 1, 0 beyond."""
     ax = x.abs()
-    return torch.where(ax <= 0.4, 2.0 - 4.0 * ax, torch.where(ax <= 1.0, 0.4, 0.0)).to(x.dtype)
+    # scalars as tensors of x's dtype: torch.where(c, 0.4, 0.0) would round 0.4 to float32
+    tail = torch.where(ax <= 1.0, torch.full_like(ax, 0.4), torch.zeros_like(ax))
+    return torch.where(ax <= 0.4, 2.0 - 4.0 * ax, tail)
 
 
 def _x(weight: Tensor, threshold: Tensor) -> Tensor:
@@ -83,13 +89,13 @@ def ref_masked_weight_bwd(grad: Tensor, weight: Tensor, threshold: Tensor, grad_
 @torch.library.custom_op("rgkernels::ref_masked_weight_grouped_fwd", mutates_args=("thresholds",))
 def ref_masked_weight_grouped_fwd(
     weights: List[Tensor], thresholds: List[Tensor], guard_ratio: float
-) -> Tuple[List[Tensor], List[Tensor]]:
+) -> Tuple[Tensor, Tensor]:
     outs, counts = [], []
     for w, t in zip(weights, thresholds):
         o, c = masked_weight_fwd(w, t, guard_ratio)
-        outs.append(o)
+        outs.append(o.reshape(-1))
         counts.append(c)
-    return outs, counts
+    return torch.cat(outs), torch.cat(counts)
 
 
 @torch.library.custom_op("rgkernels::ref_masked_weight_grouped_bwd", mutates_args=())
@@ -117,8 +123,9 @@ def fake_bwd(grad: Tensor, weight: Tensor, threshold: Tensor, grad_mode: int) ->
 
 
 def fake_grouped_fwd(weights: Sequence[Tensor], thresholds: Sequence[Tensor], guard_ratio: float):
-    outs = [fake_fwd(w, t, guard_ratio) for w, t in zip(weights, thresholds)]
-    return [o for o, _ in outs], [c for _, c in outs]
+    numel = sum(w.numel() for w in weights)
+    rows = sum(w.shape[0] for w in weights)
+    return weights[0].new_empty((numel,)), weights[0].new_empty((rows,), dtype=torch.int32)
 
 
 def fake_grouped_bwd(grads: Sequence[Tensor], weights: Sequence[Tensor], thresholds: Sequence[Tensor], grad_mode: int):
