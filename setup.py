@@ -58,7 +58,7 @@ def _extensions():
     cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs = [os.path.join(here, "csrc", "include")]
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
     link_flags = ["-fopenmp"]
 
     use_cuda = (
@@ -76,7 +76,7 @@ def _extensions():
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=[("RGKERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-std=c++20"]},
             extra_link_args=link_flags,
         )
     else:
