@@ -15,7 +15,7 @@ import torch
 import rgkernels
 from rgkernels import _backend
 
-from conftest import devices, sync
+from benchutil import devices, sync
 
 SIZES = {"4K": (64, 64), "64K": (256, 256), "1M": (1024, 1024), "4M": (2048, 2048), "16M": (4096, 4096)}
 

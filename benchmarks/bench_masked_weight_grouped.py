@@ -9,7 +9,7 @@ import torch
 import rgkernels
 from rgkernels import _backend
 
-from conftest import devices, sync
+from benchutil import devices, sync
 from shapes import SNGAN32
 
 

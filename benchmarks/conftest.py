@@ -4,20 +4,15 @@ Without a GPU, Triton runs under the interpreter, far too slowly to benchmark: t
 are skipped then, as are the CUDA ones. Timings on shared machines are noisy: compare the cases of
 one run as ratios (BENCHMARKS.md), never across runs or machines.
 """
-import torch
+import os
+import sys
+
 import pytest
+import torch
 
-
-def devices():
-    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchutil, shapes
 
 
 @pytest.fixture(autouse=True)
-def _no_grad_leak():
+def _seed():
     torch.manual_seed(0)
-    yield
