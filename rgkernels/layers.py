@@ -1,0 +1,240 @@
+"""Masked nn layers: Linear / Conv2d / ConvTranspose2d that compute with W * S(|W| - t) (DESIGN.md §1-2).
+
+Each layer is a subclass of its nn layer plus `MaskedLayer`, which holds the pruning state:
+    .threshold    nn.Parameter, float32 [out_channels], zeros at creation
+    .sparse       True = sparse mode (W_hat = W * M); False = dense mode, exactly the nn layer
+    .grad_mode    "dst" (default) or "masked", see rgkernels.masked_weight
+    .guard_ratio  collapse-guard keep ratio (None disables the guard)
+    .last_counts  int32 [out_channels] keep counts of the last sparse forward (a device tensor,
+                  never synced here)
+
+The mask is computed on whatever `self.weight` is at forward time, so reparametrisations
+(spectral norm in either form, equalised learning rate) are masked on the effective weight. The
+gradient reaching the stored parameter of such a reparametrisation is multiplied by the same mask
+through a gradient hook on that parameter (§2: pruned entries of the stored weight are frozen).
+
+Masks are not computed in the forward: the last masked weight (the op's output, kept until the next
+forward: one weight-sized tensor per layer) and the keep counts determine them exactly (see
+`_mask_rows`), so statistics and `protect_pruned` add no kernel launch to the forward.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .ops.masked_weight import DEFAULT_GUARD_RATIO, masked_weight
+
+# Per-forward caches: dropped on device/dtype moves and on pickling/deepcopy, rebuilt by the next forward.
+_PER_FORWARD = ("last_counts", "_last_masked", "_mask_cache", "_pre_masked")
+# Also dropped on pickling/deepcopy: the copy's parameters are new objects without our gradient hook,
+# and the regeneration snapshot of rgkernels.layer_stats belongs to the original.
+_TRANSIENT = _PER_FORWARD + ("_grad_hooked", "_stats_mask")
+
+
+def stored_weight(module: nn.Module) -> Tensor:
+    """The weight parameter the optimiser updates: weight_orig (hook-form spectral norm), the
+    original of a parametrisation (parametrizations.spectral_norm), or the weight itself. Reading it
+    never runs a parametrisation (no power iteration)."""
+    if "weight_orig" in module._parameters:
+        return module._parameters["weight_orig"]
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original
+    return module.weight
+
+
+class MaskedLayer:
+    """Mixin with the pruning state and logic shared by the masked layers (not an nn.Module itself)."""
+
+    def _init_masked_state(self) -> None:
+        """Adds the pruning state; also used by `sparsify` on a module whose class was swapped in place."""
+        w = self._stored_weight()
+        self.threshold = nn.Parameter(torch.zeros(self.mask_rows, dtype=torch.float32, device=w.device))
+        self.grad_mode = "dst"
+        self.guard_ratio: Optional[float] = DEFAULT_GUARD_RATIO
+        self._sparse = True
+        for name in _TRANSIENT:
+            object.__setattr__(self, name, None)
+
+    # ---- layout: one row per output channel -----------------------------------------------------
+
+    @property
+    def mask_rows(self) -> int:
+        """Number of output channels (rows of the mask)."""
+        return self._stored_weight().shape[0]
+
+    def _to_rows(self, w: Tensor) -> Tensor:
+        """Weight layout -> [C_out, ...] layout (identity except for transposed convs)."""
+        return w
+
+    def _from_rows(self, r: Tensor) -> Tensor:
+        return r
+
+    # ---- mode --------------------------------------------------------------------------------------
+
+    @property
+    def sparse(self) -> bool:
+        return self._sparse
+
+    @sparse.setter
+    def sparse(self, flag: bool) -> None:
+        self._sparse = bool(flag)
+        # A mask from before a mode switch no longer describes the layer.
+        self._last_masked = self.last_counts = self._mask_cache = None
+
+    # ---- the stored (optimised) weight parameter --------------------------------------------------
+
+    def _stored_weight(self) -> Tensor:
+        return stored_weight(self)
+
+    def _is_reparametrised(self) -> bool:
+        return "weight_orig" in self._parameters or parametrize.is_parametrized(self, "weight")
+
+    def _hook_stored_weight(self) -> None:
+        """Registers (once per stored parameter) the hook that masks the stored parameter's gradient."""
+        if not self._is_reparametrised():
+            return  # the op already multiplies the weight gradient by M
+        p = self._stored_weight()
+        if self._grad_hooked is not None and self._grad_hooked() is p:
+            return
+        layer_ref, p_ref = weakref.ref(self), weakref.ref(p)
+
+        def mask_grad(g: Tensor) -> Tensor:
+            layer = layer_ref()
+            # Inert on a parameter that is no longer this layer's stored weight (e.g. a deep copy).
+            if layer is None or not layer.sparse or layer._stored_weight() is not p_ref():
+                return g
+            m = layer.mask()
+            return g if m is None else g.masked_fill(~m, 0)
+
+        p.register_hook(mask_grad)
+        self._grad_hooked = p_ref
+
+    # ---- the masked weight -------------------------------------------------------------------------
+
+    def _masked_weight(self) -> Tensor:
+        """W * M in the weight's layout; records counts and the masked weight for statistics."""
+        pre = self._pre_masked  # set by rgkernels.grouped_masks (one launch for all layers)
+        if pre is not None:
+            return self._from_rows(pre)
+        self._hook_stored_weight()
+        w_hat, counts = masked_weight(self._to_rows(self.weight), self.threshold, self.grad_mode,
+                                      guard_ratio=self.guard_ratio, return_counts=True)
+        self._record(w_hat, counts)
+        return self._from_rows(w_hat)
+
+    def _record(self, w_hat_rows: Tensor, counts: Tensor) -> None:
+        self._last_masked = w_hat_rows.detach()
+        self.last_counts = counts
+        self._mask_cache = None
+
+    def _mask_rows(self) -> Optional[Tensor]:
+        """Bool [C_out, K] mask of the last sparse forward, or None (dense mode / no forward yet).
+
+        Exact without storing M: M = 1 and W_hat = 0 only where W = 0 and |0| - t > 0, i.e. t < 0,
+        and then every entry of the row is kept (counts == K)."""
+        if not self.sparse or self._last_masked is None:
+            return None
+        w = self._last_masked.reshape(self._last_masked.shape[0], -1)
+        return (w != 0) | (self.last_counts == w.shape[1])[:, None]
+
+    def mask(self) -> Optional[Tensor]:
+        """Bool mask of the last sparse forward in the stored weight's layout (cached until the next
+        forward); None in dense mode (M = 1) or before the first sparse forward."""
+        if self._mask_cache is None:
+            m = self._mask_rows()
+            if m is None:
+                return None
+            self._mask_cache = self._from_rows(m.view(self._last_masked.shape))
+        return self._mask_cache
+
+    # ---- nn.Module plumbing ------------------------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        # The fast kernels take float32 thresholds; `.half()` on a model must not demote them.
+        if self.threshold.dtype in (torch.float16, torch.bfloat16):
+            self.threshold.data = self.threshold.data.float()
+        for name in _PER_FORWARD:
+            object.__setattr__(self, name, None)
+        if self._stats_mask is not None:  # keeps regeneration counting across `.to(device)`
+            self._stats_mask = fn(self._stats_mask)
+        return out
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in _TRANSIENT:
+            state[name] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sparse={self.sparse}"
+
+
+class MaskedLinear(MaskedLayer, nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_masked_state()
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.sparse:
+            return super().forward(input)
+        return F.linear(input, self._masked_weight(), self.bias)
+
+
+class MaskedConv2d(MaskedLayer, nn.Conv2d):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device=device, dtype=dtype)
+        self._init_masked_state()
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.sparse:
+            return super().forward(input)
+        return self._conv_forward(input, self._masked_weight(), self.bias)
+
+
+class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
+    """Weight [C_in, C_out/groups, kh, kw]: output channel g*(C_out/groups) + j is column j of group
+    g's rows, so the mask rows are built by regrouping the weight to [C_out, C_in/groups, kh, kw]."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups: int = 1, bias: bool = True, dilation=1,
+                 padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups,
+                         bias, dilation, padding_mode, device=device, dtype=dtype)
+        self._init_masked_state()
+
+    @property
+    def mask_rows(self) -> int:
+        w = self._stored_weight()
+        return w.shape[1] * self.groups
+
+    def _to_rows(self, w: Tensor) -> Tensor:
+        g, cin, coutg = self.groups, w.shape[0], w.shape[1]
+        return w.reshape(g, cin // g, coutg, *w.shape[2:]).transpose(1, 2).reshape(g * coutg, cin // g,
+                                                                                  *w.shape[2:])
+
+    def _from_rows(self, r: Tensor) -> Tensor:
+        g, cout, cing = self.groups, r.shape[0], r.shape[1]
+        return r.reshape(g, cout // g, cing, *r.shape[2:]).transpose(1, 2).reshape(g * cing, cout // g,
+                                                                                  *r.shape[2:])
+
+    def forward(self, input: Tensor, output_size=None) -> Tensor:
+        if not self.sparse:
+            return super().forward(input, output_size)
+        if self.padding_mode != "zeros":
+            raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
+                                              2, self.dilation)
+        return F.conv_transpose2d(input, self._masked_weight(), self.bias, self.stride, self.padding,
+                                  output_padding, self.groups, self.dilation)
+
+
+# nn class -> masked class, used by `sparsify` (exact types only: a subclass may override forward).
+MASKED_CLASSES = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d, nn.ConvTranspose2d: MaskedConvTranspose2d}
