@@ -1,0 +1,136 @@
+"""Model conversion and pruning statistics for masked layers (DESIGN.md §1, §3).
+
+`sparsify` converts IN PLACE by swapping the class of each exact nn.Linear / nn.Conv2d /
+nn.ConvTranspose2d to its masked subclass: parameters stay the same objects (an optimiser built
+before still holds them), and hooks, buffers and parametrisations (spectral norm in both forms,
+applied before or after conversion) stay attached. Subclasses of those nn layers are left alone,
+since they may override `forward`.
+
+Statistics describe the masks of each layer's last sparse forward (a sparse layer that has not run
+a forward since its mode was set counts as fully active; a dense-mode layer is fully active, M = 1).
+They gather all layers' numbers into one tensor per device and sync the host once.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .layers import MASKED_CLASSES, MaskedLayer
+
+
+def _masked_class_for(m: nn.Module):
+    cls = type(m)
+    if parametrize.is_parametrized(m):
+        # torch.nn.utils.parametrize swapped in a per-instance class `Parametrized<Base>(Base)` holding
+        # the parametrised properties; rebuild it on top of the masked class so that
+        # remove_parametrizations (which restores __bases__[0]) still gives back a masked layer.
+        masked = MASKED_CLASSES.get(cls.__bases__[0])
+        if masked is None:
+            return None
+        body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        return type(f"Parametrized{masked.__name__}", (masked,), body)
+    return MASKED_CLASSES.get(cls)
+
+
+def sparsify(module: nn.Module) -> nn.Module:
+    """Converts every nn.Linear / nn.Conv2d / nn.ConvTranspose2d inside `module` (itself included) to
+    its masked layer, in place, in sparse mode with zero thresholds. Returns `module`."""
+    for m in list(module.modules()):
+        if isinstance(m, MaskedLayer):
+            continue
+        new_cls = _masked_class_for(m)
+        if new_cls is not None:
+            m.__class__ = new_cls
+            m._init_masked_state()
+    return module
+
+
+def masked_layers(module: nn.Module) -> List[Tuple[str, MaskedLayer]]:
+    """(qualified name, layer) of every masked layer inside `module`, in module order."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, MaskedLayer)]
+
+
+def set_sparse(module: nn.Module, flag: bool) -> nn.Module:
+    """Puts every masked layer inside `module` in sparse (True) or dense (False) mode."""
+    for _, m in masked_layers(module):
+        m.sparse = flag
+    return module
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+
+def _to_host(values: Sequence[Union[int, Tensor]]) -> List[int]:
+    """Python ints for a mix of ints and 0-dim device tensors: one stack and one sync per device."""
+    out: List = list(values)
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, Tensor):
+            by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        host = torch.stack([values[i].to(torch.int64) for i in idx]).tolist()
+        for i, h in zip(idx, host):
+            out[i] = h
+    return out
+
+
+def _active(layer: MaskedLayer) -> Union[int, Tensor]:
+    """Active weights of the layer's last sparse forward (all of them when its mask is M = 1)."""
+    if not layer.sparse or layer.last_counts is None:
+        return layer._stored_weight().numel()
+    return layer.last_counts.sum()
+
+
+def keep_ratio(module: nn.Module) -> float:
+    """Active weights / maskable weights over all masked layers (1.0 when there are none)."""
+    layers = [m for _, m in masked_layers(module)]
+    total = sum(m._stored_weight().numel() for m in layers)
+    if total == 0:
+        return 1.0
+    return sum(_to_host([_active(m) for m in layers])) / total
+
+
+def layer_stats(module: nn.Module) -> Dict[str, Dict[str, float]]:
+    """name -> {keep_ratio, rows_pruned, regenerations} for every masked layer.
+
+    regenerations: weights pruned at the previous call of layer_stats on this layer and active now
+    (0 at the first call). It compares two snapshots, so a weight pruned and regrown between calls
+    is not counted; switching a layer to dense mode counts every pruned weight as regenerated.
+    """
+    layers = masked_layers(module)
+    values: List[Union[int, Tensor]] = []
+    for _, m in layers:
+        cur = m._mask_rows()
+        if cur is None:  # fully active
+            w = m._stored_weight()
+            cur = torch.ones(m.mask_rows, w.numel() // m.mask_rows, dtype=torch.bool, device=w.device)
+            rows_pruned: Union[int, Tensor] = 0
+        else:
+            rows_pruned = (m.last_counts == 0).sum()
+        prev = m._stats_mask
+        regen = 0 if prev is None else (cur & ~prev).sum()
+        m._stats_mask = cur
+        values += [_active(m), rows_pruned, regen]
+    host = _to_host(values)
+    out = {}
+    for i, (name, m) in enumerate(layers):
+        active, rows_pruned, regen = host[3 * i: 3 * i + 3]
+        numel = m._stored_weight().numel()
+        out[name] = {"keep_ratio": active / numel if numel else 1.0, "rows_pruned": rows_pruned,
+                     "regenerations": regen}
+    return out
+
+
+def threshold_regularizer(module: nn.Module, lam: float) -> Tensor:
+    """lam * sum_i exp(-t_i) over the thresholds of the masked layers in sparse mode (§1); a zero
+    tensor when none is sparse. Its gradient on t_i is -lam * exp(-t_i)."""
+    ts = [m.threshold for _, m in masked_layers(module) if m.sparse]
+    if not ts:
+        layers = masked_layers(module)
+        device = layers[0][1].threshold.device if layers else None
+        return torch.zeros((), device=device)
+    device = ts[0].device
+    flat = torch.cat([t.reshape(-1).to(device) for t in ts])  # one exp and one sum for the whole model
+    return lam * torch.exp(-flat).sum()

@@ -1,0 +1,47 @@
+"""`grouped_masks`: the masked weights of a whole model in one `masked_weight_grouped` launch (DESIGN.md §4).
+
+On small GAN layers the per-layer masked-weight launches dominate; inside the context every masked
+layer in sparse mode uses a masked weight precomputed by one grouped call (per device, grad mode and
+guard ratio), with the same outputs and gradients as the per-layer path.
+
+    with rgkernels.grouped_masks(D):
+        loss = d_loss(D(real), D(fake))
+    loss.backward()
+
+The masked weights are computed once on entering: the context must not span an optimiser step, and
+a parametrised effective weight is computed once per context (spectral norm: one power iteration
+per context instead of one per call). Layers with forward pre-hooks (hook-form spectral norm, which
+computes the effective weight in such a hook) keep the per-layer path, since their weight is only
+known inside their forward.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Tuple
+
+from torch import Tensor, nn
+
+from .convert import masked_layers
+from .layers import MaskedLayer
+from .ops.masked_weight import masked_weight_grouped
+
+
+@contextlib.contextmanager
+def grouped_masks(module: nn.Module) -> Iterator[nn.Module]:
+    layers = [m for _, m in masked_layers(module) if m.sparse and not m._forward_pre_hooks]
+    try:
+        groups: Dict[tuple, List[Tuple[MaskedLayer, Tensor]]] = {}
+        for m in layers:
+            m._hook_stored_weight()
+            w = m._to_rows(m.weight)
+            groups.setdefault((w.device, m.grad_mode, m.guard_ratio), []).append((m, w))
+        for (_, grad_mode, guard_ratio), items in groups.items():
+            outs, counts = masked_weight_grouped([w for _, w in items], [m.threshold for m, _ in items],
+                                                 grad_mode, guard_ratio=guard_ratio)
+            for (m, _), w_hat, c in zip(items, outs, counts):
+                m._record(w_hat, c)
+                m._pre_masked = w_hat
+        yield module
+    finally:
+        for m in layers:
+            m._pre_masked = None

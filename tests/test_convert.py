@@ -1,0 +1,241 @@
+"""sparsify / set_sparse / statistics / regulariser (rgkernels/convert.py), spectral norm in both forms."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import rgkernels
+
+
+def _model(dtype=torch.float32):
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU(0.2),
+        nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+        nn.Flatten(), nn.Linear(4 * 8 * 8, 5),
+    ).to(dtype)
+
+
+def test_sparsify_in_place_keeps_parameters_and_dense_outputs():
+    ref = _model(torch.float64)
+    m = copy.deepcopy(ref)
+    params_before = [p for p in m.parameters()]
+    assert rgkernels.sparsify(m) is m
+    assert [type(l) for l in m] == [rgkernels.MaskedConv2d, nn.LeakyReLU, rgkernels.MaskedConvTranspose2d,
+                                    nn.LeakyReLU, nn.Flatten, rgkernels.MaskedLinear]
+    # same Parameter objects (an optimiser built before still holds them), plus the thresholds
+    assert all(any(p is q for q in m.parameters()) for p in params_before)
+    for _, layer in rgkernels.masked_layers(m):
+        assert layer.sparse and layer.threshold.dtype == torch.float32 and not layer.threshold.any()
+        assert layer.weight.dtype == torch.float64
+    rgkernels.set_sparse(m, False)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    assert torch.equal(m(x), ref(x))
+    # already masked layers are untouched
+    t0 = m[0].threshold
+    rgkernels.sparsify(m)
+    assert m[0].threshold is t0 and not m[0].sparse
+
+
+def test_sparsify_converts_root_and_skips_subclasses():
+    class MyLinear(nn.Linear):
+        pass
+
+    lin = rgkernels.sparsify(nn.Linear(3, 2))
+    assert isinstance(lin, rgkernels.MaskedLinear)
+    holder = nn.Sequential(MyLinear(3, 2))
+    rgkernels.sparsify(holder)
+    assert type(holder[0]) is MyLinear
+    assert rgkernels.masked_layers(holder) == []
+
+
+def test_sparse_mode_at_zero_threshold_matches_dense():
+    m = rgkernels.sparsify(_model())
+    x = torch.randn(2, 3, 4, 4)
+    y_sparse = m(x)
+    rgkernels.set_sparse(m, False)
+    assert all(not l.sparse for _, l in rgkernels.masked_layers(m))
+    assert torch.equal(y_sparse, m(x))  # t = 0 keeps every nonzero weight
+    rgkernels.set_sparse(m, True)
+    assert all(l.sparse for _, l in rgkernels.masked_layers(m))
+
+
+# ---- spectral norm ---------------------------------------------------------------------------------
+
+def _hook_sn(layer):
+    return nn.utils.spectral_norm(layer)
+
+
+def _param_sn(layer):
+    return parametrizations.spectral_norm(layer)
+
+
+def _stored(layer):
+    if "weight_orig" in layer._parameters:
+        return layer.weight_orig
+    return layer.parametrizations.weight.original
+
+
+def _effective_weight(layer):
+    """The weight the last training forward used (eval: no further power iteration)."""
+    layer.eval()
+    with torch.no_grad():
+        w = layer.weight.detach().clone()  # hook form: the attribute set by the last forward
+    layer.train()
+    return w
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_transpose"])
+@pytest.mark.parametrize("sn", [_hook_sn, _param_sn], ids=["hook", "parametrization"])
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_spectral_norm_mask_on_effective_weight(kind, sn, order):
+    make = {"linear": lambda: nn.Linear(6, 5),
+            "conv": lambda: nn.Conv2d(3, 5, 3, padding=1),
+            "conv_transpose": lambda: nn.ConvTranspose2d(3, 5, 3, stride=2, groups=1)}[kind]
+    layer = make()
+    with torch.no_grad():
+        layer.weight.mul_(8.0)  # sigma >> 1: |W_orig| and |W_eff| = |W_orig| / sigma are far apart
+    if order == "before":
+        layer = rgkernels.sparsify(sn(layer))
+    else:
+        layer = sn(rgkernels.sparsify(layer))
+    assert isinstance(layer, rgkernels.MaskedLayer)
+    x = torch.randn(2, 6) if kind == "linear" else torch.randn(2, 3, 5, 5)
+    layer(x)  # first forward: power iteration settles u, v
+    w_orig = _stored(layer).detach()
+    w_eff = _effective_weight(layer)
+    rows = layer._to_rows(w_eff).reshape(layer.mask_rows, -1)
+    t = rows.abs().median(dim=1).values  # about half of each row pruned on the effective weight
+    with torch.no_grad():
+        layer.threshold.copy_(t)
+    layer.zero_grad()
+    y = layer(x)
+    w_eff = _effective_weight(layer)
+    expected = layer._from_rows(((layer._to_rows(w_eff).abs() - t.view(-1, *[1] * (w_eff.dim() - 1))) > 0))
+    mask = layer.mask()
+    assert torch.equal(mask, expected)
+    assert 0.3 < mask.float().mean() < 0.7
+    on_stored = layer._from_rows((layer._to_rows(w_orig).abs() - t.view(-1, *[1] * (w_eff.dim() - 1))) > 0)
+    assert on_stored.float().mean() > 0.8  # the mask would be very different on the stored weight
+    # output = the functional on W_eff * M
+    if kind == "linear":
+        y_ref = F.linear(x, w_eff * mask, layer.bias)
+    elif kind == "conv":
+        y_ref = F.conv2d(x, w_eff * mask, layer.bias, padding=1)
+    else:
+        y_ref = F.conv_transpose2d(x, w_eff * mask, layer.bias, stride=2)
+    torch.testing.assert_close(y, y_ref)
+    y.square().sum().backward()
+    g = _stored(layer).grad
+    assert torch.equal(g[~mask], torch.zeros_like(g[~mask]))  # exactly zero where M == 0
+    assert (g[mask] != 0).float().mean() > 0.9
+    assert layer.threshold.grad.abs().sum() > 0
+
+
+def test_spectral_norm_stored_gradient_not_masked_in_dense_mode():
+    layer = rgkernels.sparsify(parametrizations.spectral_norm(nn.Linear(6, 5)))
+    with torch.no_grad():
+        layer.threshold.fill_(0.2)
+    x = torch.randn(3, 6)
+    layer(x)
+    layer.sparse = False
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    assert (layer.parametrizations.weight.original.grad != 0).all()
+    assert layer.threshold.grad is None
+
+
+def test_spectral_norm_deepcopy_masks_its_own_gradient():
+    layer = rgkernels.sparsify(parametrizations.spectral_norm(nn.Linear(6, 5)))
+    x = torch.randn(3, 6)
+    layer(x)
+    twin = copy.deepcopy(layer)
+    layer.guard_ratio = None  # so that everything can be pruned
+    with torch.no_grad():
+        layer.threshold.fill_(10.0)  # original: everything pruned
+        twin.threshold.fill_(0.0)  # copy: nothing pruned
+    layer(x).sum().backward()
+    twin(x).square().sum().backward()
+    assert not layer.parametrizations.weight.original.grad.any()
+    assert (twin.parametrizations.weight.original.grad != 0).all()
+
+
+# ---- statistics ------------------------------------------------------------------------------------
+
+def _linear_with_known_weights():
+    lin = rgkernels.MaskedLinear(10, 4, bias=False)
+    lin.guard_ratio = None
+    with torch.no_grad():  # row i holds 0.05, 0.15, ..., 0.95 (signs alternate)
+        base = (torch.arange(10) + 0.5) / 10 * torch.tensor([1.0, -1.0]).repeat(5)
+        lin.weight.copy_(base.repeat(4, 1))
+    return lin
+
+
+def test_keep_ratio_known_by_construction():
+    model = nn.Sequential(_linear_with_known_weights(), nn.ReLU(), rgkernels.MaskedLinear(4, 2))
+    assert rgkernels.keep_ratio(model) == 1.0  # no forward yet: M = 1
+    with torch.no_grad():
+        model[0].threshold.copy_(torch.tensor([0.3, 0.5, 0.7, 1.0]))  # keeps 7, 5, 3, 0 of 10
+    model(torch.randn(2, 10))
+    assert rgkernels.keep_ratio(model) == (7 + 5 + 3 + 0 + 8) / 48
+    stats = rgkernels.layer_stats(model)
+    assert stats["0"] == {"keep_ratio": 15 / 40, "rows_pruned": 1, "regenerations": 0}
+    assert stats["2"] == {"keep_ratio": 1.0, "rows_pruned": 0, "regenerations": 0}
+    rgkernels.set_sparse(model, False)
+    assert rgkernels.keep_ratio(model) == 1.0
+
+
+def test_layer_stats_counts_regenerations():
+    lin = _linear_with_known_weights()
+    x = torch.randn(2, 10)
+    with torch.no_grad():
+        lin.threshold.fill_(0.6)  # keeps 0.65 .. 0.95: 4 per row
+    lin(x)
+    assert rgkernels.layer_stats(lin)[""] == {"keep_ratio": 0.4, "rows_pruned": 0, "regenerations": 0}
+    with torch.no_grad():
+        lin.threshold.copy_(torch.tensor([0.2, 0.6, 0.9, 0.4]))  # 8, 4, 1, 6 kept
+    lin(x)
+    s = rgkernels.layer_stats(lin)[""]
+    assert s == {"keep_ratio": 19 / 40, "rows_pruned": 0, "regenerations": 4 + 0 + 0 + 2}
+    lin(x)  # no change since the last call
+    assert rgkernels.layer_stats(lin)[""]["regenerations"] == 0
+    lin.sparse = False  # dense mode: every pruned weight comes back
+    assert rgkernels.layer_stats(lin)[""]["regenerations"] == 40 - 19
+
+
+def test_stats_sync_host_once(monkeypatch):
+    model = rgkernels.sparsify(_model())
+    model(torch.randn(1, 3, 4, 4))
+    calls = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or real(self))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("per-value host sync"))
+    rgkernels.layer_stats(model)
+    rgkernels.keep_ratio(model)
+    assert len(calls) == 2
+
+
+# ---- regulariser -----------------------------------------------------------------------------------
+
+def test_threshold_regularizer_value_and_gradient():
+    model = rgkernels.sparsify(_model())
+    lam = 0.5
+    ts = [l.threshold for _, l in rgkernels.masked_layers(model)]
+    with torch.no_grad():
+        for t in ts:
+            t.uniform_(-0.5, 0.5)
+    reg = rgkernels.threshold_regularizer(model, lam)
+    expected = lam * sum(torch.exp(-t.detach().double()).sum() for t in ts)
+    torch.testing.assert_close(reg.double(), expected)
+    reg.backward()
+    for t in ts:
+        torch.testing.assert_close(t.grad, -lam * torch.exp(-t.detach()))
+    # only sparse layers count; dense mode gives 0
+    model[0].sparse = False
+    part = rgkernels.threshold_regularizer(model, lam)
+    torch.testing.assert_close(part.double(), expected - lam * torch.exp(-ts[0].detach().double()).sum())
+    rgkernels.set_sparse(model, False)
+    zero = rgkernels.threshold_regularizer(model, lam)
+    assert zero.item() == 0.0 and not zero.requires_grad
