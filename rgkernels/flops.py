@@ -1,0 +1,165 @@
+"""FLOP accounting for linear and conv layers: dense, active and executed (DESIGN.md §4).
+
+`count_flops(module, *example_inputs)` runs one forward pass (eval mode, no grad; the training
+flags are restored afterwards) with hooks on every nn.Linear and conv layer (masked or not, any
+subclass, Conv1d/2d/3d and transposed) and counts, per layer and in total:
+
+  * uses: how many times each weight entry is multiplied in the forward
+      linear:          number of input rows (the product of all leading dims)
+      conv:            batch * output positions (padded positions included)
+      transposed conv: batch * input positions (each input element is scattered by the whole kernel)
+  * forward     = 2 * uses * weights                 (one multiply-accumulate = 2 FLOPs)
+  * input_grad  = the same GEMM with W^T             (counted for every layer, the first one too:
+                  in a GAN, D's input gradient is what trains G, and R1 needs it; for a standalone
+                  classifier this overcounts by the first layer's forward)
+  * weight_grad = 2 * uses * weights, always dense   (the threshold gradient needs dL/dW_hat at
+                  every entry, so the weight-gradient GEMM stays dense, §4)
+  * step        = forward + input_grad + weight_grad
+Bias adds, activations, normalisation and the masked-weight op itself are not counted.
+
+The three figures, never mixed:
+  * dense:    as if unpruned (all weights).
+  * active:   only weights with M = 1 in this forward (the paper's convention) for the forward and
+              input-gradient GEMMs; the weight gradient stays dense. Plain nn layers and masked
+              layers in dense mode have M = 1.
+  * executed: what the kernels ran. Masked layers currently run the dense GEMM on the masked weight,
+              so executed == dense everywhere until sparse execution exists.
+A layer called several times in the forward is summed over its calls. Masked layers in sparse mode
+run their op as in any forward (their last keep counts are updated; the collapse guard can fire).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Union
+
+import torch
+from torch import Tensor, nn
+
+from .convert import _to_host
+from .layers import MaskedLayer, stored_weight
+
+
+@dataclass(frozen=True)
+class FlopCounts:
+    dense: int = 0
+    active: int = 0
+    executed: int = 0
+
+    def __add__(self, other: "FlopCounts") -> "FlopCounts":
+        return FlopCounts(self.dense + other.dense, self.active + other.active, self.executed + other.executed)
+
+
+@dataclass
+class LayerFlops:
+    name: str
+    kind: str              # "linear", "conv" or "conv_transpose"
+    calls: int
+    weights: int           # weight entries (maskable weights) of the layer
+    active_weights: int    # weights with M = 1, summed over calls (= weights * calls when unpruned)
+    uses: int              # summed over calls
+    forward: FlopCounts
+    input_grad: FlopCounts
+    weight_grad: FlopCounts
+
+    @property
+    def step(self) -> FlopCounts:
+        return self.forward + self.input_grad + self.weight_grad
+
+
+@dataclass
+class FlopReport:
+    layers: Dict[str, LayerFlops] = field(default_factory=dict)  # in order of first call
+
+    def _total(self, attr: str) -> FlopCounts:
+        out = FlopCounts()
+        for lf in self.layers.values():
+            out = out + getattr(lf, attr)
+        return out
+
+    @property
+    def forward(self) -> FlopCounts:
+        return self._total("forward")
+
+    @property
+    def input_grad(self) -> FlopCounts:
+        return self._total("input_grad")
+
+    @property
+    def weight_grad(self) -> FlopCounts:
+        return self._total("weight_grad")
+
+    @property
+    def step(self) -> FlopCounts:
+        return self._total("step")
+
+    def summary(self) -> str:
+        rows = [f"{'layer':<32} {'kind':<15} {'fwd dense':>12} {'fwd active':>12} {'step dense':>12} "
+                f"{'step active':>12} {'step exec':>12}"]
+        for name, lf in list(self.layers.items()) + [("TOTAL", None)]:
+            fwd, step = (lf.forward, lf.step) if lf else (self.forward, self.step)
+            kind = lf.kind if lf else ""
+            rows.append(f"{name:<32} {kind:<15} {fwd.dense:>12.4g} {fwd.active:>12.4g} {step.dense:>12.4g} "
+                        f"{step.active:>12.4g} {step.executed:>12.4g}")
+        return "\n".join(rows)
+
+
+def _kind(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return "conv_transpose" if m.transposed else "conv"
+    return None
+
+
+def _uses(m: nn.Module, kind: str, inp: Tensor, out: Tensor) -> int:
+    if kind == "linear":
+        return out.numel() // m.out_features
+    if kind == "conv":
+        return out.numel() // m.out_channels
+    return inp.numel() // m.in_channels
+
+
+def _active_weights(m: nn.Module, weights: int) -> Union[int, Tensor]:
+    if isinstance(m, MaskedLayer) and m.sparse and m.last_counts is not None:
+        return m.last_counts.sum()  # a device tensor, synced once for the whole model
+    return weights
+
+
+@torch.no_grad()
+def count_flops(module: nn.Module, *example_inputs) -> FlopReport:
+    """FLOPs of `module(*example_inputs)` and of a training step on it; see the module docstring."""
+    calls: List[tuple] = []  # (name, module, kind, uses, active weights)
+    names = {id(m): n for n, m in module.named_modules()}
+
+    def hook(m, args, out):
+        kind = _kind(m)
+        weights = stored_weight(m).numel()
+        calls.append((names[id(m)] or type(m).__name__, m, kind, _uses(m, kind, args[0], out),
+                      _active_weights(m, weights)))
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if _kind(m) is not None]
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()  # no power-iteration or batch-norm statistics updates from counting
+        module(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+
+    actives = _to_host([c[4] for c in calls])
+    report = FlopReport()
+    for (name, m, kind, uses, _), active in zip(calls, actives):
+        weights = stored_weight(m).numel()
+        dense, act = 2 * uses * weights, 2 * uses * active
+        # Masked layers run the dense GEMM on W * M: executed == dense until sparse kernels exist.
+        fwd = FlopCounts(dense, act, dense)
+        prev = report.layers.get(name)
+        lf = LayerFlops(name, kind, 1, weights, active, uses, fwd, fwd, FlopCounts(dense, dense, dense))
+        if prev is not None:
+            lf = LayerFlops(name, kind, prev.calls + 1, weights, prev.active_weights + active, prev.uses + uses,
+                            prev.forward + lf.forward, prev.input_grad + lf.input_grad,
+                            prev.weight_grad + lf.weight_grad)
+        report.layers[name] = lf
+    return report

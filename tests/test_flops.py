@@ -1,0 +1,105 @@
+"""count_flops (rgkernels/flops.py) against hand-computed counts (and torch's FlopCounterMode for forwards)."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import rgkernels
+
+
+def _torch_forward_flops(module, x):
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        module(x)
+    return fc.get_total_flops()
+
+
+def _check_dense(report, fwd):
+    """No pruning: every figure is the dense one; step = fwd + input grad + weight grad = 3 * fwd."""
+    assert report.forward.dense == report.forward.active == report.forward.executed == fwd
+    assert report.input_grad.dense == fwd and report.weight_grad.dense == fwd
+    assert report.step.dense == report.step.active == report.step.executed == 3 * fwd
+
+
+CASES = [
+    # (layer, input shape, hand-computed forward FLOPs = 2 * uses * weights)
+    (lambda: nn.Linear(7, 3), (2, 5, 7), 2 * (2 * 5) * (7 * 3)),
+    (lambda: nn.Linear(7, 3), (7,), 2 * 1 * 21),
+    # out 7x6: (9 + 0 - 2 - 1) / 1 + 1 = 7, (8 - 3) + 1 = 6
+    (lambda: nn.Conv2d(4, 6, 3), (2, 4, 9, 8), 2 * (2 * 7 * 6) * (6 * 4 * 9)),
+    # stride 2, padding 1, dilation 2, groups 2: out (9 + 2 - 4 - 1) // 2 + 1 = 4 -> 4x4; weights 6*2*9
+    (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), (2, 4, 9, 9), 2 * (2 * 16) * 108),
+    # kernel (3, 1), stride (1, 2), padding (1, 0): out 9 x 4
+    (lambda: nn.Conv2d(4, 6, (3, 1), stride=(1, 2), padding=(1, 0)), (2, 4, 9, 8), 2 * (2 * 9 * 4) * (6 * 4 * 3)),
+    (lambda: nn.Conv2d(3, 5, 3, padding=1), (3, 6, 6), 2 * (1 * 36) * (5 * 3 * 9)),  # unbatched
+    # transposed: every input position is scattered by the whole kernel: uses = batch * input positions
+    (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (2, 4, 5, 5),
+     2 * (2 * 25) * (4 * 3 * 9)),
+    (lambda: nn.ConvTranspose2d(4, 2, 4, stride=2, padding=1, dilation=2), (3, 4, 3, 5), 2 * (3 * 15) * (4 * 2 * 16)),
+]
+
+
+@pytest.mark.parametrize("make,shape,fwd", CASES)
+@pytest.mark.parametrize("masked", [False, True], ids=["nn", "masked"])
+def test_single_layer_counts(make, shape, fwd, masked):
+    layer = make()
+    if masked:
+        rgkernels.sparsify(layer)  # t = 0: nothing pruned
+    x = torch.randn(shape)
+    report = rgkernels.count_flops(layer, x)
+    _check_dense(report, fwd)
+    assert _torch_forward_flops(layer, x) == fwd
+    (lf,) = report.layers.values()
+    assert lf.calls == 1 and lf.weights == layer.weight.numel() and lf.uses * lf.weights * 2 == fwd
+
+
+def test_active_at_known_keep_ratio():
+    conv = rgkernels.MaskedConv2d(2, 4, 3, padding=1, bias=False)
+    conv.guard_ratio = None
+    with torch.no_grad():  # every row holds |w| = 1..18 / 18; thresholds keep 18, 9, 3 and 0 of 18
+        conv.weight.copy_((torch.arange(18.0) + 1).div(18).view(1, 2, 3, 3).repeat(4, 1, 1, 1))
+        conv.threshold.copy_(torch.tensor([0.0, 9.5 / 18, 15.5 / 18, 1.0]))
+    x = torch.randn(2, 2, 5, 5)
+    report = rgkernels.count_flops(conv, x)
+    uses, active, weights = 2 * 25, 18 + 9 + 3 + 0, 72
+    fwd = report.forward
+    assert (fwd.dense, fwd.active, fwd.executed) == (2 * uses * weights, 2 * uses * active, 2 * uses * weights)
+    assert report.input_grad == fwd
+    # the weight-gradient GEMM stays dense (the threshold gradient needs every entry)
+    assert report.weight_grad.dense == report.weight_grad.active == report.weight_grad.executed == 2 * uses * weights
+    assert report.step.active == 2 * (2 * uses * active) + 2 * uses * weights
+    assert report.step.dense == report.step.executed == 3 * 2 * uses * weights
+    assert report.layers[type(conv).__name__].active_weights == active
+    # dense mode: M = 1
+    conv.sparse = False
+    assert rgkernels.count_flops(conv, x).forward.active == 2 * uses * weights
+
+
+def test_small_model_totals_and_shared_layer():
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),            # 8x8 -> 4x4
+        nn.BatchNorm2d(8), nn.ReLU(),
+        nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1),   # 4x4 -> 8x8
+        nn.Flatten(), nn.Linear(4 * 64, 16), shared, nn.ReLU(), shared,
+    )
+    x = torch.randn(2, 3, 8, 8)
+    expected = {
+        "0": 2 * (2 * 16) * (8 * 3 * 9),
+        "3": 2 * (2 * 16) * (8 * 4 * 16),
+        "5": 2 * 2 * (256 * 16),
+        "6": 2 * (2 * 2) * (16 * 16),  # called twice
+    }
+    bn = model[1]
+    model.train()
+    model[3].eval()
+    report = rgkernels.count_flops(model, x)
+    # counting leaves the model as it was: training flags restored, no batch-norm statistics update
+    assert model.training and bn.training and not model[3].training
+    assert bn.num_batches_tracked.item() == 0
+    assert {k: v.forward.dense for k, v in report.layers.items()} == expected
+    assert report.layers["6"].calls == 2
+    _check_dense(report, sum(expected.values()))
+    assert _torch_forward_flops(model, x) == sum(expected.values())
+    rgkernels.sparsify(model)
+    assert rgkernels.count_flops(model, x).forward.dense == sum(expected.values())
+    assert "TOTAL" in report.summary()
