@@ -1,0 +1,93 @@
+"""The one place where a TrainConfig becomes objects: data, networks, optimisers, loss, RG
+controller and evaluator. The training loop only calls these functions."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .config import TrainConfig
+from .data import BatchStream, TrainingData, load_training_data
+from .networks import sngan
+from .training.augment import DiffAugment
+from .training.controller import NoRegrowth, RGController
+from .training.loss import GANLoss
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_data(cfg: TrainConfig, progress: Callable = lambda it, **kw: it) -> TrainingData:
+    return load_training_data(cfg.data, cfg.data_kind, cfg.res, cfg.data_ratio, cfg.subset_seed,
+                              cfg.fid_ref, progress)
+
+
+def build_stream(cfg: TrainConfig, data: TrainingData, device: torch.device) -> BatchStream:
+    return BatchStream(data.train.images, cfg.batch, cfg.seed, device, xflip=cfg.xflip)
+
+
+def build_networks(cfg: TrainConfig, device: torch.device):
+    """G, D (masked where pruned, in sparse mode) and G_ema (a frozen copy of G)."""
+    if cfg.arch != "sngan":
+        raise NotImplementedError(f"{cfg.arch} is not implemented yet")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        G = sngan.Generator(z_dim=cfg.z_dim, ch=cfg.g_ch, res=cfg.res)
+        D = sngan.Discriminator(ch=cfg.d_ch, res=cfg.res)
+    pruned = cfg.nets("prune")
+    for name, net in (("G", G), ("D", D)):
+        if name in pruned:
+            import rgkernels
+
+            rgkernels.sparsify(net)
+            for _, layer in rgkernels.masked_layers(net):
+                layer.grad_mode = cfg.grad_mode
+            rgkernels.set_sparse(net, True)  # RG-GAN starts sparse
+    G, D = G.to(device).train(), D.to(device).train()
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    return G, D, G_ema
+
+
+def build_optimizers(cfg: TrainConfig, G, D) -> Dict[str, torch.optim.Optimizer]:
+    """Adam for all parameters of each net (weights, biases and thresholds), plus the RG hooks:
+    protect_pruned (pruned weights get no update) and, for the no-RR ablation, NoRegrowth."""
+    opts = {"G": torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2)),
+            "D": torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))}
+    return opts
+
+
+def install_rg_hooks(cfg: TrainConfig, nets: Dict[str, torch.nn.Module], opts) -> List:
+    handles = []
+    pruned, regen = cfg.nets("prune"), cfg.nets("regen")
+    for name in pruned:
+        import rgkernels
+
+        handles.append(rgkernels.protect_pruned(nets[name], opts[name]))
+        if name not in regen:
+            handles.append(NoRegrowth(nets[name], opts[name]))
+    return handles
+
+
+def build_loss(cfg: TrainConfig, G, D) -> GANLoss:
+    pruned = cfg.nets("prune")
+    return GANLoss(G, D, DiffAugment(cfg.diffaug), kind=cfg.loss, lam=cfg.lam,
+                   regularise_G="G" in pruned, regularise_D="D" in pruned)
+
+
+def build_controller(cfg: TrainConfig) -> RGController:
+    return RGController(weights=cfg.ar_weights, enabled=bool(cfg.nets("aug_regen")))
+
+
+def build_evaluator(cfg: TrainConfig, data: TrainingData, device: torch.device, log=print,
+                    progress: Callable = lambda it, **kw: it):
+    from .metrics import Evaluator
+
+    return Evaluator(cfg.metric, data.reference.images, data.reference.key, device, cache_dir=cfg.cache_dir,
+                     batch=cfg.fid_batch, kid_on=cfg.kid, kid_subsets=cfg.kid_subsets,
+                     kid_subset_size=cfg.kid_subset_size, allow_download=cfg.inception_download,
+                     log=log, progress=progress)

@@ -1,0 +1,1 @@
+"""Training: the loop, losses, DiffAugment, the RG controller, checkpoints and FLOP accounting."""
