@@ -88,7 +88,13 @@ class _MaskedWeightFn(torch.autograd.Function):
         w2 = _as_rows(weight)
         fwd, bwd, _, _ = _ops(backend)
         out, counts = fwd(w2, threshold, guard_ratio)  # may reset `threshold` in place (guard)
-        ctx.save_for_backward(weight, threshold)
+        ctx.save_for_backward(weight)
+        # Not saved with save_for_backward: the op declares that it mutates the threshold, so every
+        # call bumps its version counter, and a layer used twice before one backward (D(real),
+        # D(fake)) would fail autograd's check. The only real write is the collapse guard, which
+        # fires in the first call of a step and leaves t = 0 for the next ones: the value the
+        # backward reads is the one the forward used.
+        ctx.threshold = threshold
         ctx.bwd = bwd
         ctx.grad_mode_id = grad_mode_id
         ctx.mark_non_differentiable(counts)
@@ -96,7 +102,8 @@ class _MaskedWeightFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_counts):
-        weight, threshold = ctx.saved_tensors
+        (weight,) = ctx.saved_tensors
+        threshold = ctx.threshold
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None, None
         gw, gt = ctx.bwd(_as_rows(grad_out), _as_rows(weight), threshold, ctx.grad_mode_id)
@@ -141,7 +148,8 @@ class _GroupedFn(torch.autograd.Function):
         flat_out, flat_counts = gfwd([_as_rows(w) for w in weights], thresholds, guard_ratio)
         outs = [o.view(w.shape) for o, w in zip(flat_out.split([w.numel() for w in weights]), weights)]
         counts = list(flat_counts.split([w.shape[0] for w in weights]))
-        ctx.save_for_backward(*weights, *thresholds)
+        ctx.save_for_backward(*weights)
+        ctx.thresholds = thresholds  # not saved_tensors: see _MaskedWeightFn.forward
         ctx.n, ctx.gbwd, ctx.grad_mode_id = n, gbwd, grad_mode_id
         ctx.mark_non_differentiable(*counts)
         return (*outs, *counts)
@@ -149,8 +157,7 @@ class _GroupedFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         n = ctx.n
-        saved = ctx.saved_tensors
-        weights, thresholds = saved[:n], saved[n:]
+        weights, thresholds = ctx.saved_tensors, ctx.thresholds
         gws, gts = ctx.gbwd([_as_rows(g) for g in grads[:n]], [_as_rows(w) for w in weights],
                             list(thresholds), ctx.grad_mode_id)
         gws = [g.view(w.shape) for g, w in zip(gws, weights)]
