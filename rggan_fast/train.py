@@ -102,7 +102,10 @@ def next_run_dir(cfg: TrainConfig, name: Optional[str]) -> str:
     return os.path.join(cfg.outdir, f"{max(ids, default=-1) + 1:05d}-{cfg.arch}-{data}{ratio}-{tag}{preset}")
 
 
-def _install_signals(flag) -> None:
+def _install_signals(flag):
+    """SIGINT / SIGTERM: finish the iteration, write the checkpoint, exit 130. Returns the old handlers."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
     def handler(signum, frame):
         if flag.requested:  # second signal: stop now
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -113,6 +116,7 @@ def _install_signals(flag) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    return old
 
 
 def format_summary(s: Dict) -> str:
@@ -158,6 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .metrics import InceptionUnavailable
     from .training.loop import StopFlag, TrainingInterrupted, TrainingRun
 
+    old_handlers = {}
     try:
         overrides = overrides_from_args(args)
         if args.resume:
@@ -190,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
 
         flag = StopFlag()
-        _install_signals(flag)
+        old_handlers = _install_signals(flag)
         print(f"{'resuming' if args.resume else 'training'} {arch} ({'RG: prune ' + ''.join(cfg.nets('prune')) if cfg.rg else 'dense baseline'}) "
               f"on {cfg.data} at {cfg.res}x{cfg.res}, {cfg.kimg:g} kimg -> {run_dir}", flush=True)
         run = TrainingRun(cfg, run_dir, resume=bool(args.resume), stop_flag=flag)
@@ -211,6 +216,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\naborted (the last checkpoint in the run directory is intact)", file=sys.stderr)
         return 130
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

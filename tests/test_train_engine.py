@@ -1,0 +1,240 @@
+"""The training engine on tiny settings (preset `test`): RG mechanics inside real training steps,
+exact resume, the CLI end to end."""
+import json
+import os
+
+import pytest
+import torch
+
+rgkernels = pytest.importorskip("rgkernels")
+if not all(hasattr(rgkernels, n) for n in ("sparsify", "protect_pruned", "threshold_regularizer", "count_flops")):
+    pytest.skip("the rgkernels layer API is not available yet", allow_module_level=True)
+
+from rggan_fast import train as cli  # noqa: E402
+from rggan_fast.config import resolve_config  # noqa: E402
+from rggan_fast.metrics import inception  # noqa: E402
+from rggan_fast.training.controller import DENSE  # noqa: E402
+from rggan_fast.training.loop import TrainingInterrupted, TrainingRun, read_jsonl  # noqa: E402
+
+FAST = dict(metric="proxy", tensorboard=False, progress=False)
+
+
+def make_run(tmp_path, name="run", resume=False, **over):
+    cfg = resolve_config("sngan", "lfw100", "test", {**FAST, "cache_dir": str(tmp_path / "cache"), **over})
+    return TrainingRun(cfg, str(tmp_path / name), resume=resume, log=lambda m: None)
+
+
+def thresholds(net):
+    return [m.threshold.detach().clone() for _, m in rgkernels.masked_layers(net)]
+
+
+def test_regulariser_gradient(tmp_path):
+    run = make_run(tmp_path, lam=0.5)
+    G = run.G
+    for _, m in rgkernels.masked_layers(G):
+        with torch.no_grad():
+            m.threshold.uniform_(-0.2, 0.2)
+    run.D.eval()  # no power iteration: two identical D calls
+    z = torch.randn(4, run.cfg.z_dim)
+    ts = [m.threshold for _, m in rgkernels.masked_layers(G)]
+    torch.manual_seed(1)
+    total, st = run.loss.g_loss(z)
+    g_total = torch.autograd.grad(total, ts)
+    run.loss.lam = 0.0
+    torch.manual_seed(1)
+    adv_only, st0 = run.loss.g_loss(z)
+    g_adv = torch.autograd.grad(adv_only, ts, allow_unused=True)
+    assert float(st0["reg_G"]) == 0.0 and torch.equal(st0["loss_G"], st["loss_G"])
+    for t, gt, ga in zip(ts, g_total, g_adv):
+        ga = torch.zeros_like(t) if ga is None else ga
+        assert torch.allclose(gt - ga, -0.5 * torch.exp(-t.detach()), rtol=1e-4, atol=1e-6)
+    assert float(st["reg_G"]) == pytest.approx(0.5 * sum(torch.exp(-t.detach()).sum().item() for t in ts), rel=1e-5)
+
+
+def test_dense_mode_freezes_thresholds_and_turns_regulariser_off(tmp_path):
+    run = make_run(tmp_path, lam=1.0)  # a large lambda: any leak would move the thresholds
+    run.train_iteration()
+    run.controller.mode = DENSE
+    run.controller.apply({"G": [run.G, run.G_ema], "D": run.D}, ("G", "D"), ("G", "D"))
+    before_G, before_D = thresholds(run.G), thresholds(run.D)
+    stats = run.train_iteration()
+    assert float(stats["reg_G"]) == 0.0 and float(stats["reg_D"]) == 0.0
+    for a, b in zip(before_G + before_D, thresholds(run.G) + thresholds(run.D)):
+        assert torch.equal(a, b)
+    for net in (run.G, run.D):
+        for _, m in rgkernels.masked_layers(net):
+            assert m.threshold.grad is None
+    assert rgkernels.keep_ratio(run.G) == 1.0 and rgkernels.keep_ratio(run.D) == 1.0
+
+
+def test_sparse_mode_freezes_pruned_weights_and_they_come_back(tmp_path):
+    run = make_run(tmp_path)
+    name, layer = rgkernels.masked_layers(run.G)[1]
+    with torch.no_grad():
+        layer.threshold.fill_(float(layer.weight.abs().median()))  # prunes about half of the layer
+    w0 = layer.weight.detach().clone()
+    run.train_iteration()
+    pruned = ~layer.mask()
+    assert 0 < pruned.float().mean() < 1
+    assert torch.equal(layer.weight.detach()[pruned], w0[pruned])      # no Adam update on pruned entries
+    assert not torch.equal(layer.weight.detach()[~pruned], w0[~pruned])
+    rgkernels.set_sparse(run.G, False)                                  # dense: pruned weights are back
+    z = torch.randn(2, run.cfg.z_dim)
+    run.G.eval()
+    out = run.G(z)
+    assert torch.isfinite(out).all() and layer.mask() is None
+
+
+def test_collapse_guard_in_training(tmp_path):
+    run = make_run(tmp_path)
+    _, layer = rgkernels.masked_layers(run.D)[2]
+    with torch.no_grad():
+        layer.threshold.fill_(100.0)  # prunes everything: keep ratio 0 <= 1%
+    run.train_iteration()
+    assert float(layer.threshold.detach().abs().max()) < 1.0  # reset to 0, then a few Adam steps at most
+    assert rgkernels.layer_stats(run.D)[rgkernels.masked_layers(run.D)[2][0]]["keep_ratio"] > 0.01
+
+
+def test_resume_is_exact(tmp_path):
+    over = dict(kimg=0.096)  # 6 iterations of 16 real images; evaluations every 2
+    a = make_run(tmp_path, "a", **over)
+    a.train()
+    b = make_run(tmp_path, "b", **over)
+    orig = b.train_iteration
+    calls = []
+
+    def stop_after_three():
+        out = orig()
+        calls.append(1)
+        if len(calls) == 3:
+            b.stop_flag.requested = True
+        return out
+
+    b.train_iteration = stop_after_three
+    with pytest.raises(TrainingInterrupted):
+        b.train()
+    assert b.counters["step"] == 3
+    c = make_run(tmp_path, "b", resume=True, **over)
+    c.train()
+    sa = read_jsonl(str(tmp_path / "a" / "stats.jsonl"))
+    sb = read_jsonl(str(tmp_path / "b" / "stats.jsonl"))
+    assert [r["step"] for r in sb] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(sa, sb):
+        for k in ("loss_D", "loss_G", "reg_D", "reg_G", "D_real", "D_fake", "keep_ratio_G", "keep_ratio_D"):
+            assert ra[k] == rb[k], (ra["step"], k)
+    ma = read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))
+    mb = read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))
+    assert [r["proxy_fid"] for r in ma] == [r["proxy_fid"] for r in mb]
+    assert [r["flops_active"] for r in ma] == [r["flops_active"] for r in mb]
+    for k, v in a.G_ema.state_dict().items():
+        assert torch.equal(v, c.G_ema.state_dict()[k]), k
+
+
+def test_ar_switch_in_training(tmp_path):
+    run = make_run(tmp_path, kimg=0.032, eval_at_start=False)
+    for f in (10.0, 9.0, 8.0, 7.0):
+        run.controller.update(f)
+    run.evaluator.__class__ = type("Worse", (run.evaluator.__class__,), {
+        "__call__": lambda self, G, num, seed=0: {"proxy_fid": 100.0, "proxy_kid": 0.0}})
+    run.train()
+    rows = read_jsonl(os.path.join(run.run_dir, "metrics.jsonl"))
+    assert rows[-1]["mode"] == "sparse" and rows[-1]["next_mode"] == "dense"
+    assert all(not m.sparse for _, m in rgkernels.masked_layers(run.G_ema))
+    assert rgkernels.keep_ratio(run.D) == 1.0
+
+
+def test_cli_unimplemented_archs_exit_2(capsys):
+    for arch in ("progan", "stylegan2", "fastgan"):
+        assert cli.main([arch]) == 2
+        err = capsys.readouterr().err
+        assert "not implemented yet" in err and "Traceback" not in err
+    assert cli.main(["biggan"]) == 2
+
+
+def test_cli_data_error_names_file_and_writes_nothing(tmp_path, capsys):
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "ok.png")
+    (data / "corrupt.jpg").write_bytes(b"\xff\xd8 broken")
+    out = tmp_path / "runs"
+    assert cli.main(["sngan", "--preset", "test", "--data", str(data), "--outdir", str(out), "--metric", "proxy"]) == 1
+    assert "corrupt.jpg" in capsys.readouterr().err
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_cli_without_inception_stops_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(inception, "offline_weights_path", lambda: None)
+    monkeypatch.setattr(inception, "cleanfid_candidates", lambda cache: [str(tmp_path / "none.pt")])
+    out = tmp_path / "runs"
+    rc = cli.main(["sngan", "--preset", "test", "--outdir", str(out), "--set", "inception_download=false",
+                   "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 1
+    assert "--metric proxy" in capsys.readouterr().err
+    assert not out.exists() or not os.listdir(out)
+
+
+def _folder(tmp_path, n=12):
+    from rggan_fast.data.sources import load_lfw100
+    from PIL import Image
+
+    d = tmp_path / "faces"
+    d.mkdir()
+    for i, im in enumerate(load_lfw100(32).images[:n]):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(d / f"{i:03d}.png")
+    return d
+
+
+def test_cli_end_to_end_writes_every_file(tmp_path, capsys):
+    data = _folder(tmp_path)
+    real_fid = inception.offline_weights_path() is not None
+    metric = "fid" if real_fid else "proxy"
+    args = ["sngan", "--preset", "test", "--data", str(data), "--outdir", str(tmp_path / "runs"), "--metric", metric,
+            "--cache-dir", str(tmp_path / "cache"), "--set", "inception_download=false", "--set", "tensorboard=true",
+            "--name", "e2e"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "keep ratio" in out and "training FLOPs" in out
+    rd = tmp_path / "runs" / "e2e"
+    files = set(os.listdir(rd))
+    for f in ("config.json", "metrics.jsonl", "stats.jsonl", "checkpoint.pt", "reals.png", "summary.json",
+              "G_ema.safetensors", "samples-0000000.png", "samples-0000004.png"):
+        assert f in files, f
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    cfg = json.loads((rd / "config.json").read_text())
+    assert cfg["arch"] == "sngan" and cfg["presets"] == ["sngan", "sngan-fewshot", "test"]
+    rows = read_jsonl(str(rd / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    for r in rows:
+        for k in ("step", "real_images", "time_s", "fid", "mode", "keep_ratio_G", "keep_ratio_D", "flops_dense",
+                  "flops_active", "flops_executed", "layers_G", "layers_D"):
+            assert k in r, k
+        assert r["mode"] in ("sparse", "dense")
+        name, layer = next(iter(r["layers_D"].items()))
+        assert set(layer) >= {"keep_ratio", "rows_pruned", "regenerations"}
+    if real_fid:
+        assert rows[-1]["fid"] > 0 and "Inception" in rows[-1]["metric"]
+    else:
+        assert rows[-1]["fid"] is None and rows[-1]["proxy_fid"] > 0
+    assert rows[-1]["flops_dense"] > rows[1]["flops_dense"] > 0
+    assert rows[-1]["flops_active"] <= rows[-1]["flops_dense"]
+    # resume with a larger budget continues in place
+    assert cli.main(["sngan", "--resume", str(rd), "--kimg", "0.096"]) == 0
+    rows = read_jsonl(str(rd / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 2, 4, 6]
+    assert cli.main(["sngan", "--resume", str(rd), "--batch", "4"]) == 2  # cannot change what is trained
+
+
+def test_cli_dense_baseline_and_ablation(tmp_path):
+    out = str(tmp_path / "runs")
+    common = ["--preset", "test", "--outdir", out, "--metric", "proxy", "--kimg", "0.032",
+              "--cache-dir", str(tmp_path / "cache"), "--set", "tensorboard=false"]
+    assert cli.main(["sngan", "--no-rg", "--name", "dense", *common]) == 0
+    rows = read_jsonl(os.path.join(out, "dense", "metrics.jsonl"))
+    assert rows[-1]["mode"] == "dense" and rows[-1]["keep_ratio_G"] == 1.0
+    assert rows[-1]["flops_active"] == rows[-1]["flops_dense"] and "layers_G" not in rows[-1]
+    assert rows[-1]["proxy_fid"] is not None and rows[-1]["fid"] is None
+    assert cli.main(["sngan", "--prune", "D", "--aug-regen", "none", "--name", "abl", *common]) == 0
+    rows = read_jsonl(os.path.join(out, "abl", "metrics.jsonl"))
+    assert "layers_D" in rows[-1] and "layers_G" not in rows[-1] and rows[-1]["keep_ratio_G"] == 1.0
