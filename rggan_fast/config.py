@@ -68,6 +68,8 @@ class TrainConfig:
     beta1: float = 0.0
     beta2: float = 0.9
     ema_beta: float = 0.999         # G_ema <- beta * G_ema + (1 - beta) * G after every G step
+    ema_warmup: bool = True         # beta_t = min(ema_beta, (1 + t) / (10 + t)) at G step t, so that
+                                    # G_ema follows G early on (0.999 alone averages ~1000 steps)
     diffaug: str = ""               # DiffAugment policy, e.g. "color,translation,cutout"
 
     # --- RG-GAN (DESIGN.md §1) ---------------------------------------------------------------

@@ -42,9 +42,9 @@ NAMED_PRESETS: Dict[str, Dict[str, Any]] = {
     # The built-in demo (python -m rggan_fast.demo): RG-SNGAN on lfw100 at 32x32, ~10 minutes on
     # a 2-core CPU. Narrower nets than the paper's so that it fits; FID with few samples (the
     # value is labelled with its sample counts and is far above a 5k-sample FID).
-    "demo": dict(data="lfw100", res=32, g_ch=64, d_ch=64, batch=32, kimg=40, eval_kimg=5,
-                 fid_samples=200, final_fid_samples=200, fid_batch=50, kid_subset_size=100,
-                 log_every=5, flops_every=10, grid=64, diffaug="color,translation,cutout"),
+    "demo": dict(data="lfw100", res=32, g_ch=32, d_ch=32, batch=32, kimg=120, eval_kimg=20,
+                 fid_samples=128, final_fid_samples=128, fid_batch=64, kid_subset_size=100,
+                 log_every=10, flops_every=20, grid=64, diffaug="color,translation,cutout"),
     # Tiny settings for the test suite: seconds per run.
     "test": dict(data="lfw100", res=32, g_ch=16, d_ch=16, z_dim=16, batch=8, n_critic=2,
                  kimg=0.064, eval_kimg=0.032, fid_samples=8, final_fid_samples=8, fid_batch=8,

@@ -139,7 +139,7 @@ def format_summary(s: Dict) -> str:
         f"training FLOPs (G+D): dense {s['flops_dense']:.3e}, active {s['flops_active']:.3e} "
         f"({s['flops_active'] / max(s['flops_dense'], 1):.1%} of dense), executed {s['flops_executed']:.3e}",
         f"outputs: {s['run_dir']}/ (metrics.jsonl, stats.jsonl, samples-*.png, checkpoint.pt, config.json, "
-        f"summary.json, TensorBoard events)",
+        f"summary.json, TensorBoard events{', metrics.png' if s.get('plot') else ''})",
         "=" * 72,
     ]
     return "\n".join(lines)

@@ -16,6 +16,7 @@ Run directory:
     reals.png, samples-<step>.png    image grids (real images, G_ema samples at each evaluation)
     summary.json       written when the budget is reached
     G_ema.safetensors  final EMA generator weights and thresholds
+    metrics.png        FID, keep ratios and FLOPs against kimg (rggan_fast/plot.py)
     events.out.tfevents.*            TensorBoard scalars
 """
 from __future__ import annotations
@@ -197,7 +198,10 @@ class TrainingRun:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        w = 1.0 - self.cfg.ema_beta
+        beta, t = self.cfg.ema_beta, self.counters["step"]
+        if self.cfg.ema_warmup:
+            beta = min(beta, (1.0 + t) / (10.0 + t))
+        w = 1.0 - beta
         for pe, p in zip(self.G_ema.parameters(), self.G.parameters()):
             pe.lerp_(p, w)
         for be, b in zip(self.G_ema.buffers(), self.G.buffers()):
@@ -272,7 +276,7 @@ class TrainingRun:
         return checkpoint.save(self.run_dir, state)
 
     def _load(self) -> None:
-        s = checkpoint.load(self.run_dir, map_location=self.device)
+        s = checkpoint.load(self.run_dir, map_location="cpu")  # load_state_dict moves tensors
         self.G.load_state_dict(s["G"])
         self.D.load_state_dict(s["D"])
         self.G_ema.load_state_dict(s["G_ema"])
@@ -403,6 +407,12 @@ class TrainingRun:
             sd = {k: v.detach().cpu().contiguous() for k, v in self.G_ema.state_dict().items()}
             save_file(sd, os.path.join(self.run_dir, "G_ema.safetensors"))
         except ImportError:
+            pass
+        try:
+            from ..plot import plot_run
+
+            summary["plot"] = plot_run(self.run_dir)
+        except ImportError:  # matplotlib is optional
             pass
         return summary
 

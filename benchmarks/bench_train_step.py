@@ -1,0 +1,158 @@
+"""One RG-SNGAN training iteration (n_critic D steps + one G step + EMA) in three variants:
+
+    dense   the baseline: plain nn layers (python -m rggan_fast.train sngan --no-rg)
+    rg      RG-GAN with rgkernels' masked layers (sparse mode, grouped masks, protect_pruned)
+    eager   RG-GAN with an eager re-implementation of the reference masked layers: the mask
+            composed from elementwise ops and autograd, a straight-through Function for H', a
+            host-synchronising collapse guard per layer, and a per-layer optimiser guard
+
+Target (reported, not asserted): rg at most 1.03x dense. `test_report` prints the ratios.
+
+    pytest benchmarks/bench_train_step.py --benchmark-only -s
+
+Sizes: on a GPU the paper's SNGAN (G width 256, D width 128, batch 64); on a CPU a narrower one
+(width 64, batch 32) so that a round takes seconds. Override with BENCH_TRAIN="g_ch,d_ch,batch".
+"""
+import os
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+rgkernels = pytest.importorskip("rgkernels")
+if not all(hasattr(rgkernels, n) for n in ("sparsify", "protect_pruned", "count_flops")):
+    pytest.skip("the rgkernels layer API is not available", allow_module_level=True)
+
+from rggan_fast.config import resolve_config  # noqa: E402
+from rggan_fast.training.loop import TrainingRun  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+G_CH, D_CH, BATCH = (int(v) for v in os.environ.get("BENCH_TRAIN", "256,128,64" if CUDA else "64,64,32").split(","))
+ROUNDS = 10 if CUDA else 4
+MEDIANS = {}
+
+
+# ---- the eager reference composition -------------------------------------------------------------
+
+class _Step(torch.autograd.Function):
+    """S(x) = 1[x > 0] with the long-tailed surrogate H'(x) as its gradient (DESIGN.md §2)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        ax = x.abs()
+        h = torch.where(ax <= 0.4, 2 - 4 * ax, torch.where(ax <= 1.0, torch.full_like(ax, 0.4), torch.zeros_like(ax)))
+        return g * h
+
+
+def eager_masked_weight(w, t):
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    m = _Step.apply(w.abs() - t.view(shape))
+    if float(m.detach().mean()) <= 0.01:  # collapse guard, one host sync per layer
+        with torch.no_grad():
+            t.zero_()
+        m = _Step.apply(w.abs() - t.view(shape))
+    if w.requires_grad:  # "dst": autograd through W * S(|W| - t), then the weight gradient times M
+        mask = m.detach()
+        w = w + 0  # a node of our own for the hook
+        w.register_hook(lambda g: g * mask)
+    return w * m
+
+
+def _eager_forward(self, x):
+    w = eager_masked_weight(self.weight, self.threshold)
+    if isinstance(self, nn.Linear):
+        return F.linear(x, w, self.bias)
+    return self._conv_forward(x, w, self.bias)
+
+
+def eagerify(net):
+    layers = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for m in layers:
+        w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+        m.threshold = nn.Parameter(torch.zeros(w.shape[0], device=w.device))
+        m.forward = types.MethodType(_eager_forward, m)
+    return layers
+
+
+def eager_protect(layers, opt):
+    saved = []
+
+    def stored(m):
+        return m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+
+    def before(o, a, k):
+        saved.clear()
+        with torch.no_grad():
+            for m in layers:
+                w = stored(m)
+                keep = w.abs() > m.threshold.view((-1,) + (1,) * (w.dim() - 1))
+                saved.append((w, keep, w.clone()))
+
+    def after(o, a, k):
+        with torch.no_grad():
+            for w, keep, old in saved:
+                w.copy_(torch.where(keep, w, old))
+
+    opt.register_step_pre_hook(before)
+    opt.register_step_post_hook(after)
+
+
+def eager_regulariser(layers, lam):
+    return lam * sum(torch.exp(-m.threshold).sum() for m in layers)
+
+
+# ---- the three runs ------------------------------------------------------------------------------
+
+def make_run(variant, tmp_path):
+    over = dict(g_ch=G_CH, d_ch=D_CH, z_dim=128, batch=BATCH, n_critic=5, metric="proxy", tensorboard=False,
+                progress=False, rg=(variant == "rg"), cache_dir=str(tmp_path / "cache"),
+                device="cuda" if CUDA else "cpu")
+    cfg = resolve_config("sngan", "lfw100", "test", over)
+    run = TrainingRun(cfg, str(tmp_path / variant), log=lambda m: None)
+    if variant == "eager":
+        lg, ld = eagerify(run.G), eagerify(run.D)
+        run.opts = {"G": torch.optim.Adam(run.G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2)),
+                    "D": torch.optim.Adam(run.D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))}
+        eager_protect(lg, run.opts["G"])
+        eager_protect(ld, run.opts["D"])
+        run.loss._reg = lambda net, on, like: eager_regulariser(lg if net is run.G else ld, cfg.lam)
+        import copy
+
+        run.G_ema = copy.deepcopy(run.G).eval().requires_grad_(False)
+    return run
+
+
+@pytest.mark.parametrize("variant", ["dense", "rg", "eager"])
+def test_train_iteration(benchmark, variant, tmp_path):
+    run = make_run(variant, tmp_path)
+    run.train_iteration()  # warm-up (allocations, first masks)
+
+    def step():
+        run.train_iteration()
+        if CUDA:
+            torch.cuda.synchronize()
+
+    benchmark.group = f"sngan train iteration g{G_CH} d{D_CH} b{BATCH} n_critic 5 ({'cuda' if CUDA else 'cpu'})"
+    benchmark.extra_info.update(variant=variant, g_ch=G_CH, d_ch=D_CH, batch=BATCH,
+                                threads=torch.get_num_threads())
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
+    if benchmark.stats is not None:
+        MEDIANS[variant] = benchmark.stats.stats.median
+
+
+def test_report():
+    if "dense" not in MEDIANS:
+        pytest.skip("run with the iteration benchmarks (--benchmark-only)")
+    d = MEDIANS["dense"]
+    lines = [f"{v:>6}: {t * 1000:9.1f} ms/iteration  {t / d:5.3f}x dense" for v, t in MEDIANS.items()]
+    target = MEDIANS.get("rg", float("nan")) / d
+    lines.append(f"target rg <= 1.03x dense: {'met' if target <= 1.03 else 'NOT met'} ({target:.3f}x)")
+    print("\n" + "\n".join(lines))
