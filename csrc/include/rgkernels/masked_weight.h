@@ -26,13 +26,33 @@ namespace rgkernels {
 constexpr int64_t kGradModeDst = 0;
 constexpr int64_t kGradModeMasked = 1;
 
-// Long-tailed straight-through surrogate for the step function's derivative.
+// Arithmetic with one rounding per operation. nvcc contracts a * b + c into an FMA by default,
+// which would round differently from the reference (one PyTorch kernel per operation); the
+// _rn intrinsics are never contracted. Host code is compiled without contraction
+// (-ffp-contract=off / ISO C++ mode), so plain operators suffice there.
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ float rg_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float rg_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float rg_sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double rg_mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double rg_add(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double rg_sub(double a, double b) { return __dsub_rn(a, b); }
+#else
+template <typename acc_t> RGK_HOST_DEVICE acc_t rg_mul(acc_t a, acc_t b) { return a * b; }
+template <typename acc_t> RGK_HOST_DEVICE acc_t rg_add(acc_t a, acc_t b) { return a + b; }
+template <typename acc_t> RGK_HOST_DEVICE acc_t rg_sub(acc_t a, acc_t b) { return a - b; }
+#endif
+
+// Long-tailed straight-through surrogate for the step function's derivative. Written with
+// selects rather than early returns so that compilers vectorise it. NaN gives 0 (as in the
+// reference: every comparison with NaN is false). Constants are taken in acc_t (0.4f for float:
+// PyTorch compares a float32 tensor with a Python scalar in float32).
 template <typename acc_t>
 RGK_HOST_DEVICE acc_t surrogate_grad(acc_t x) {
   const acc_t ax = x < acc_t(0) ? -x : x;
-  if (ax <= acc_t(0.4)) return acc_t(2) - acc_t(4) * ax;
-  if (ax <= acc_t(1)) return acc_t(0.4);
-  return acc_t(0);
+  const acc_t inner = rg_sub(acc_t(2), rg_mul(acc_t(4), ax));
+  const acc_t outer = ax <= acc_t(1) ? acc_t(0.4) : acc_t(0);
+  return ax <= acc_t(0.4) ? inner : outer;
 }
 
 // The guard's decision, identical on every backend.
