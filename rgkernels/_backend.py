@@ -49,6 +49,11 @@ def _load_extension() -> None:
         _ext_error = "disabled by RGKERNELS_DISABLE_EXTENSION=1"
         return
     try:  # registers torch.ops.rgkernels.masked_weight_* (CPU, and CUDA where built)
+        # torch first: _C links against libc10 / libtorch, which only importing torch loads. Without
+        # this, `import rgkernels` before `import torch` (as `python -m rgkernels.info` does) failed
+        # with "libc10.so: cannot open shared object file" and every op fell back to the reference.
+        import torch  # noqa: F401
+
         _ext = importlib.import_module(f"{__package__}._C")
     except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
         _ext_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -99,6 +104,8 @@ def availability(backend: str, device_type: str) -> Tuple[bool, str]:
         except Exception as exc:  # triton missing or broken: report, never crash
             return False, f"Triton backend failed to import ({type(exc).__name__}: {exc})".splitlines()[0]
         ok, why = triton_masked_weight.available()
+        if ok and device_type == "cuda" and not torch.cuda.is_available():
+            return False, "no CUDA device"
         if ok and device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             return False, "Triton runs CPU tensors only under TRITON_INTERPRET=1"
         if ok and device_type not in ("cpu", "cuda"):
