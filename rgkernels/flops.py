@@ -22,8 +22,13 @@ The three figures, never mixed:
   * active:   only weights with M = 1 in this forward (the paper's convention) for the forward and
               input-gradient GEMMs; the weight gradient stays dense. Plain nn layers and masked
               layers in dense mode have M = 1.
-  * executed: what the kernels ran. Masked layers currently run the dense GEMM on the masked weight,
-              so executed == dense everywhere until sparse execution exists.
+  * executed: what the kernels ran. Layers on the masked-weight path (the default) and plain nn layers
+              run the dense GEMM: executed == dense. Masked layers whose forward ran the fused kernels
+              (rgkernels/sparse_exec.py) count their live output channels and the input channels they
+              reduced over, as recorded by that forward on the device: forward = 2 * uses * live rows
+              * reduced input channels * kh * kw; input_grad the same, except that the input channels
+              are all of them unless the chain lets the kernel skip them; weight_grad = 2 * uses *
+              all rows * reduced input channels (the weight-gradient GEMM stays dense over rows).
 A layer called several times in the forward is summed over its calls. Masked layers in sparse mode
 run their op as in any forward (their last keep counts are updated; the collapse guard can fire).
 """
@@ -119,6 +124,15 @@ def _uses(m: nn.Module, kind: str, inp: Tensor, out: Tensor) -> int:
     return inp.numel() // m.in_channels
 
 
+def _executed(m: nn.Module, uses: int):
+    """(forward, input_grad, weight_grad) executed by a fused forward of a masked layer, else None."""
+    if isinstance(m, MaskedLayer) and m.sparse and m._exec_record is not None:
+        from .sparse_exec import record_executed
+
+        return record_executed(m, uses)
+    return None
+
+
 def _active_weights(m: nn.Module, weights: int) -> Union[int, Tensor]:
     if isinstance(m, MaskedLayer) and m.sparse and m.last_counts is not None:
         return m.last_counts.sum()  # a device tensor, synced once for the whole model
@@ -134,8 +148,9 @@ def count_flops(module: nn.Module, *example_inputs) -> FlopReport:
     def hook(m, args, out):
         kind = _kind(m)
         weights = stored_weight(m).numel()
-        calls.append((names[id(m)] or type(m).__name__, m, kind, _uses(m, kind, args[0], out),
-                      _active_weights(m, weights)))
+        uses = _uses(m, kind, args[0], out)
+        calls.append((names[id(m)] or type(m).__name__, m, kind, uses, _active_weights(m, weights),
+                      _executed(m, uses)))
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if _kind(m) is not None]
     modes = {m: m.training for m in module.modules()}
@@ -148,15 +163,22 @@ def count_flops(module: nn.Module, *example_inputs) -> FlopReport:
         for m, training in modes.items():
             m.training = training
 
-    actives = _to_host([c[4] for c in calls])
+    n = len(calls)
+    flat = [c[4] for c in calls] + [v for c in calls if c[5] is not None for v in c[5]]
+    host = _to_host(flat)  # one sync per device for the whole model
+    actives, execs, j = host[:n], [], n
+    for c in calls:
+        execs.append(None if c[5] is None else tuple(host[j:j + 3]))
+        j += 0 if c[5] is None else 3
     report = FlopReport()
-    for (name, m, kind, uses, _), active in zip(calls, actives):
+    for (name, m, kind, uses, _, _), active, ex in zip(calls, actives, execs):
         weights = stored_weight(m).numel()
         dense, act = 2 * uses * weights, 2 * uses * active
-        # Masked layers run the dense GEMM on W * M: executed == dense until sparse kernels exist.
-        fwd = FlopCounts(dense, act, dense)
+        # The masked-weight path runs the dense GEMM on W * M (executed == dense); fused kernels report theirs.
+        ex = ex or (dense, dense, dense)
         prev = report.layers.get(name)
-        lf = LayerFlops(name, kind, 1, weights, active, uses, fwd, fwd, FlopCounts(dense, dense, dense))
+        lf = LayerFlops(name, kind, 1, weights, active, uses, FlopCounts(dense, act, ex[0]),
+                        FlopCounts(dense, act, ex[1]), FlopCounts(dense, dense, ex[2]))
         if prev is not None:
             lf = LayerFlops(name, kind, prev.calls + 1, weights, prev.active_weights + active, prev.uses + uses,
                             prev.forward + lf.forward, prev.input_grad + lf.input_grad,

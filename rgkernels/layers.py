@@ -7,6 +7,8 @@ Each layer is a subclass of its nn layer plus `MaskedLayer`, which holds the pru
     .guard_ratio  collapse-guard keep ratio (None disables the guard)
     .last_counts  int32 [out_channels] keep counts of the last sparse forward (a device tensor,
                   never synced here)
+    .execution    how sparse mode runs: "masked_weight" (default; RGKERNELS_EXECUTION changes it),
+                  "fused" or "auto" (rgkernels/sparse_exec.py)
 
 The mask is computed on whatever `self.weight` is at forward time, so reparametrisations
 (spectral norm in either form, equalised learning rate) are masked on the effective weight. The
@@ -30,10 +32,12 @@ from torch.nn.utils import parametrize
 from .ops.masked_weight import DEFAULT_GUARD_RATIO, masked_weight
 
 # Per-forward caches: dropped on device/dtype moves and on pickling/deepcopy, rebuilt by the next forward.
-_PER_FORWARD = ("last_counts", "_last_masked", "_mask_cache", "_pre_masked")
+_PER_FORWARD = ("last_counts", "_last_masked", "_mask_cache", "_pre_masked", "_last_bits", "_last_rows_shape",
+                "_exec_record", "_chain_out")
 # Also dropped on pickling/deepcopy: the copy's parameters are new objects without our gradient hook,
 # and the regeneration snapshot of rgkernels.layer_stats belongs to the original.
-_TRANSIENT = _PER_FORWARD + ("_grad_hooked", "_stats_mask")
+# Chain links (weak references) and "auto" bookkeeping (CUDA events) are process-local as well.
+_TRANSIENT = _PER_FORWARD + ("_grad_hooked", "_stats_mask", "_chain_src", "_chain_seq", "_exec_state")
 
 
 def stored_weight(module: nn.Module) -> Tensor:
@@ -49,6 +53,33 @@ def stored_weight(module: nn.Module) -> Tensor:
 
 class MaskedLayer:
     """Mixin with the pruning state and logic shared by the masked layers (not an nn.Module itself)."""
+
+    # Sparse-execution state (rgkernels/sparse_exec.py); class-level defaults so that layers pickled
+    # before these existed still load.
+    _last_bits = None  # uint8 [C_out, ceil(K/8)]: bit-packed mask of the last fused forward
+    _last_rows_shape = None  # the [C_out, ...] shape that mask belongs to
+    _exec_record = None  # live channel counts of the last fused forward (for count_flops)
+    _exec_flops = None  # int64 [3] device counter of the FLOPs the fused kernels ran
+    _exec_state = None  # "auto" bookkeeping
+    _chain_src = None  # weakref to the producer layer of a chain (sparse_exec.compact_chains)
+    _chain_dgrad = False
+    _chain_seq = None
+    _chain_out = None
+
+    @property
+    def execution(self) -> str:
+        mode = self.__dict__.get("_execution")
+        if mode is None:
+            from .sparse_exec import default_execution
+
+            return default_execution()
+        return mode
+
+    @execution.setter
+    def execution(self, mode: str) -> None:
+        from .sparse_exec import check_mode
+
+        self.__dict__["_execution"] = check_mode(mode)
 
     def _init_masked_state(self) -> None:
         """Adds the pruning state; also used by `sparsify` on a module whose class was swapped in place."""
@@ -84,7 +115,7 @@ class MaskedLayer:
     def sparse(self, flag: bool) -> None:
         self._sparse = bool(flag)
         # A mask from before a mode switch no longer describes the layer.
-        self._last_masked = self.last_counts = self._mask_cache = None
+        self._last_masked = self.last_counts = self._mask_cache = self._last_bits = self._exec_record = None
 
     # ---- the stored (optimised) weight parameter --------------------------------------------------
 
@@ -116,13 +147,16 @@ class MaskedLayer:
 
     # ---- the masked weight -------------------------------------------------------------------------
 
-    def _masked_weight(self) -> Tensor:
-        """W * M in the weight's layout; records counts and the masked weight for statistics."""
+    def _masked_weight(self, weight: Optional[Tensor] = None) -> Tensor:
+        """W * M in the weight's layout (W = `weight`, the effective weight, when already computed);
+        records counts and the masked weight for statistics."""
         pre = self._pre_masked  # set by rgkernels.grouped_masks (one launch for all layers)
         if pre is not None:
             return self._from_rows(pre)
         self._hook_stored_weight()
-        w_hat, counts = masked_weight(self._to_rows(self.weight), self.threshold, self.grad_mode,
+        if weight is None:
+            weight = self.weight
+        w_hat, counts = masked_weight(self._to_rows(weight), self.threshold, self.grad_mode,
                                       guard_ratio=self.guard_ratio, return_counts=True)
         self._record(w_hat, counts)
         return self._from_rows(w_hat)
@@ -130,14 +164,40 @@ class MaskedLayer:
     def _record(self, w_hat_rows: Tensor, counts: Tensor) -> None:
         self._last_masked = w_hat_rows.detach()
         self.last_counts = counts
-        self._mask_cache = None
+        self._mask_cache = self._last_bits = None
+
+    def _record_fused(self, counts: Tensor, bits: Tensor, rows_shape) -> None:
+        """What a fused forward leaves instead of the masked weight: counts and the bit-packed mask."""
+        self.last_counts = counts
+        self._last_bits = bits
+        self._last_rows_shape = tuple(rows_shape)
+        self._last_masked = self._mask_cache = None
+
+    def _sparse_forward(self, input: Tensor, **kw) -> Tensor:
+        if self.execution != "masked_weight" and self._pre_masked is None:
+            from . import sparse_exec
+
+            return sparse_exec.forward(self, input, **kw)
+        if self._exec_record is not None:
+            self._exec_record = None
+        return self._functional(input, self._masked_weight(), **kw)
 
     def _mask_rows(self) -> Optional[Tensor]:
         """Bool [C_out, K] mask of the last sparse forward, or None (dense mode / no forward yet).
 
         Exact without storing M: M = 1 and W_hat = 0 only where W = 0 and |0| - t > 0, i.e. t < 0,
         and then every entry of the row is kept (counts == K)."""
-        if not self.sparse or self._last_masked is None:
+        if not self.sparse:
+            return None
+        if self._last_bits is not None:
+            from .ops.triton_mask_stats import unpack_bits
+
+            shape = self._last_rows_shape
+            k = 1
+            for s in shape[1:]:
+                k *= s
+            return unpack_bits(self._last_bits, k)
+        if self._last_masked is None:
             return None
         w = self._last_masked.reshape(self._last_masked.shape[0], -1)
         return (w != 0) | (self.last_counts == w.shape[1])[:, None]
@@ -149,7 +209,8 @@ class MaskedLayer:
             m = self._mask_rows()
             if m is None:
                 return None
-            self._mask_cache = self._from_rows(m.view(self._last_masked.shape))
+            shape = self._last_masked.shape if self._last_masked is not None else self._last_rows_shape
+            self._mask_cache = self._from_rows(m.view(shape))
         return self._mask_cache
 
     # ---- nn.Module plumbing ------------------------------------------------------------------------
@@ -163,6 +224,8 @@ class MaskedLayer:
             object.__setattr__(self, name, None)
         if self._stats_mask is not None:  # keeps regeneration counting across `.to(device)`
             self._stats_mask = fn(self._stats_mask)
+        if self._exec_flops is not None:
+            self._exec_flops = fn(self._exec_flops)
         return out
 
     def __getstate__(self):
@@ -183,7 +246,10 @@ class MaskedLinear(MaskedLayer, nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         if not self.sparse:
             return super().forward(input)
-        return F.linear(input, self._masked_weight(), self.bias)
+        return self._sparse_forward(input)
+
+    def _functional(self, input: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(input, weight, self.bias)
 
 
 class MaskedConv2d(MaskedLayer, nn.Conv2d):
@@ -196,7 +262,10 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
     def forward(self, input: Tensor) -> Tensor:
         if not self.sparse:
             return super().forward(input)
-        return self._conv_forward(input, self._masked_weight(), self.bias)
+        return self._sparse_forward(input)
+
+    def _functional(self, input: Tensor, weight: Tensor) -> Tensor:
+        return self._conv_forward(input, weight, self.bias)
 
 
 class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
@@ -230,9 +299,12 @@ class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
             return super().forward(input, output_size)
         if self.padding_mode != "zeros":
             raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
+        return self._sparse_forward(input, output_size=output_size)
+
+    def _functional(self, input: Tensor, weight: Tensor, output_size=None) -> Tensor:
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
                                               2, self.dilation)
-        return F.conv_transpose2d(input, self._masked_weight(), self.bias, self.stride, self.padding,
+        return F.conv_transpose2d(input, weight, self.bias, self.stride, self.padding,
                                   output_padding, self.groups, self.dilation)
 
 

@@ -1,0 +1,696 @@
+"""Sparse execution of the masked layers: an opt-in execution mode per layer (DESIGN.md §4).
+
+    layer.execution = "masked_weight"   (default) masked_weight(W, t) then the ATen GEMM (cuBLAS / cuDNN /
+                                        CPU BLAS) on W * M: the existing path
+    layer.execution = "fused"           the Triton kernels: mask applied in the weight-load prologue of the
+                                        forward and input-gradient GEMMs (W * M never written), the §2
+                                        threshold / weight gradients and keep counts in the weight-gradient
+                                        epilogue, entirely pruned output channels skipped (compacted)
+    layer.execution = "auto"            per (layer kind, shapes, dtype, device, gradients needed, share of
+                                        entirely pruned rows): one timed run of both paths, cached in memory
+                                        and optionally on disk. On CPU and under the Triton interpreter "auto"
+                                        is always "masked_weight" (nothing is measured there).
+    rgkernels.sparse_exec.set_execution(module, mode) sets it on every masked layer; RGKERNELS_EXECUTION sets the
+    default of layers that were never given one.
+
+A forced "fused" that cannot run (no Triton / no GPU without TRITON_INTERPRET=1, a dtype other than
+float32 / float16 / bfloat16, a grouped, transposed or non-zero-padded convolution, autocast, inside
+`grouped_masks`) warns once per reason and runs "masked_weight". The collapse guard (§1) runs in every
+path: on "fused" inside the mask-statistics launch (rgkernels/ops/triton_mask_stats.py), before any GEMM.
+
+The fused path keeps, per forward, the keep counts (`layer.last_counts`) and the mask bit-packed
+(`layer._last_bits`, 1 bit per weight), so `mask()`, statistics, `protect_pruned` and the gradient hook
+of reparametrised weights see the exact mask of that forward.
+
+Chains (`compact_chains(module)`): in an nn.Sequential with the stock forward, a masked layer that follows
+another one of the same family (Linear -> Linear, Conv2d -> Conv2d, channels matching) with only
+elementwise modules in between that map 0 to 0 (checked on the module: ReLU, LeakyReLU, Tanh, ELU, SiLU,
+GELU, Hardtanh, Dropout, Identity, ...) skips the input channels that the previous layer's forward made
+identically zero (entirely pruned rows without bias or with a zero bias entry): in its forward reduction,
+and in its weight gradient (their dL/dW_hat is exactly 0). Its input gradient skips them only when the
+chain's derivative at 0 is 0 (ReLU, ReLU6), since otherwise the previous layer's threshold gradient needs
+it. Both layers must run "fused" in the same call of the Sequential (checked per call). Not handled:
+anything else (residual blocks, normalisation, flatten between conv and linear, shared modules called
+outside the Sequential), which simply runs without input-channel skipping.
+
+Executed FLOPs: the fused kernels add what they multiply into a per-layer int64 device counter
+(`executed_flops(module)` reads them, one sync per device; `reset_executed_flops` zeroes them), and each
+fused forward records its live channel counts so that `rgkernels.count_flops` reports as `executed`
+what the kernels ran (2 * uses * live output channels * reduced input channels; the weight gradient over
+every output channel). Layers on the "masked_weight" path execute the dense figure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import weakref
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _backend
+from .ops.masked_weight import GRAD_MODES
+
+EXECUTION_MODES = ("auto", "masked_weight", "fused")
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def default_execution() -> str:
+    mode = os.environ.get("RGKERNELS_EXECUTION", "").strip() or "masked_weight"
+    if mode not in EXECUTION_MODES:
+        raise ValueError(f"RGKERNELS_EXECUTION={mode!r}: choose one of {EXECUTION_MODES}")
+    return mode
+
+
+def check_mode(mode: str) -> str:
+    if mode not in EXECUTION_MODES:
+        raise ValueError(f"execution must be one of {EXECUTION_MODES}, got {mode!r}")
+    return mode
+
+
+def set_execution(module: nn.Module, mode: str) -> nn.Module:
+    """Sets the execution mode of every masked layer inside `module`; returns `module`."""
+    from .convert import masked_layers
+
+    check_mode(mode)
+    for _, m in masked_layers(module):
+        m.execution = mode
+    return module
+
+
+# =============================================================================================
+# What can run fused
+# =============================================================================================
+
+def _kind(layer) -> str:
+    from .layers import MaskedConv2d, MaskedConvTranspose2d, MaskedLinear
+
+    if isinstance(layer, MaskedLinear):
+        return "linear"
+    if isinstance(layer, MaskedConv2d):
+        return "conv"
+    if isinstance(layer, MaskedConvTranspose2d):
+        return "conv_transpose"
+    return "other"
+
+
+def _conv_padding(layer) -> Optional[Tuple[int, int]]:
+    """Symmetric zero padding of a Conv2d as (ph, pw), or None when it is not expressible."""
+    p = layer.padding
+    if isinstance(p, str):
+        if p == "valid":
+            return (0, 0)
+        out = []
+        for k, d in zip(layer.kernel_size, layer.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                return None  # "same" with an even extent pads asymmetrically
+            out.append(total // 2)
+        return tuple(out)
+    return tuple(p)
+
+
+def _triton_ok(device: torch.device, kind: str) -> Tuple[bool, str]:
+    try:
+        from .ops import triton_mask_stats
+        from .ops import triton_masked_conv, triton_masked_linear
+    except Exception as exc:  # pragma: no cover - broken Triton install
+        return False, f"the Triton kernels failed to import ({type(exc).__name__}: {exc})".splitlines()[0]
+    mod = triton_masked_linear if kind == "linear" else triton_masked_conv
+    for m in (triton_mask_stats, mod):
+        ok, why = m.available()
+        if not ok:
+            return False, why
+    interp = triton_mask_stats._KERNELS.interpreting()
+    if interp and device.type != "cpu":
+        return False, "under TRITON_INTERPRET=1 the kernels take CPU tensors"
+    if not interp and device.type != "cuda":
+        return False, f"the compiled Triton kernels take CUDA tensors, not {device.type}"
+    return True, ""
+
+
+def fused_support(layer, x: Tensor, w: Tensor) -> Tuple[bool, str]:
+    """(can this call, with effective weight `w`, run the fused kernels; why not)."""
+    kind = _kind(layer)
+    if kind not in ("linear", "conv"):
+        return False, f"no fused kernels for {type(layer).__name__}"
+    if w.dtype not in _SUPPORTED_DTYPES:
+        return False, f"weight dtype {w.dtype} (fused kernels take float32, float16, bfloat16)"
+    if x.dtype != w.dtype:
+        return False, f"input dtype {x.dtype} differs from the weight dtype {w.dtype}"
+    if layer.threshold.dtype != torch.float32:
+        return False, f"threshold dtype {layer.threshold.dtype} is not float32"
+    if x.device != w.device:
+        return False, "input and weight on different devices"
+    if torch.is_autocast_enabled(x.device.type):
+        return False, "autocast is on (the fused kernels do not autocast)"
+    if kind == "conv":
+        if layer.groups != 1:
+            return False, "grouped convolution"
+        if layer.padding_mode != "zeros":
+            return False, f"padding_mode={layer.padding_mode!r}"
+        if _conv_padding(layer) is None:
+            return False, "asymmetric 'same' padding"
+        if x.dim() not in (3, 4):
+            return False, f"conv input with {x.dim()} dims"
+    return _triton_ok(x.device, kind)
+
+
+# =============================================================================================
+# Execution-mode decision ("auto") and its cache
+# =============================================================================================
+
+_LOCK = threading.Lock()
+_DECISIONS: Dict[str, str] = {}
+_CACHE_PATH: Optional[str] = None
+_CACHE_LOADED: Optional[str] = None
+RECHECK_EVERY = 64  # forwards between two (asynchronous) looks at the share of entirely pruned rows
+HYSTERESIS = 0.97  # "fused" must beat "masked_weight" by 3% to be chosen
+
+
+def set_decision_cache(path: Optional[str]) -> None:
+    """JSON file that keeps "auto" decisions across processes (None: memory only). Default: the
+    RGKERNELS_EXEC_CACHE environment variable, if set."""
+    global _CACHE_PATH, _CACHE_LOADED
+    with _LOCK:
+        _CACHE_PATH = path
+        _CACHE_LOADED = None
+
+
+def _cache_path() -> Optional[str]:
+    return _CACHE_PATH if _CACHE_PATH is not None else (os.environ.get("RGKERNELS_EXEC_CACHE") or None)
+
+
+def _load_disk() -> None:
+    global _CACHE_LOADED
+    path = _cache_path()
+    if path is None or _CACHE_LOADED == path:
+        return
+    _CACHE_LOADED = path
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        _backend.warn_once(f"exec-cache:{path}", f"rgkernels: cannot read the execution-decision cache {path} "
+                                                 f"({type(exc).__name__}); measuring again")
+        return
+    for k, v in data.get("decisions", {}).items():
+        if v in ("masked_weight", "fused"):
+            _DECISIONS.setdefault(k, v)
+
+
+def _save_disk() -> None:
+    path = _cache_path()
+    if path is None:
+        return
+    try:
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        old = {}
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    old = json.load(f).get("decisions", {})
+            except (OSError, ValueError):
+                old = {}
+        old.update(_DECISIONS)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".rgkernels-exec-")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": 1, "decisions": old}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _backend.warn_once(f"exec-cache-write:{path}", f"rgkernels: cannot write the execution-decision cache "
+                                                       f"{path} ({type(exc).__name__}: {exc})")
+
+
+def decisions() -> Dict[str, str]:
+    """A copy of the in-memory decisions (key -> mode)."""
+    with _LOCK:
+        _load_disk()
+        return dict(_DECISIONS)
+
+
+def clear_decisions() -> None:
+    """Forgets the in-memory decisions (the disk cache, if any, is read again at the next lookup)."""
+    global _CACHE_LOADED
+    with _LOCK:
+        _DECISIONS.clear()
+        _CACHE_LOADED = None
+
+
+def decide(key: str, candidates: Dict[str, Callable[[], None]], timer: Optional[Callable] = None) -> str:
+    """The cached decision for `key`, or the fastest of `candidates` (name -> a closure running one
+    forward + backward), timed once with `timer(fn) -> seconds` and cached. "fused" must beat
+    "masked_weight" by HYSTERESIS."""
+    with _LOCK:
+        _load_disk()
+        hit = _DECISIONS.get(key)
+    if hit is not None:
+        return hit
+    timer = timer or _cuda_time
+    times = {name: timer(fn) for name, fn in candidates.items()}
+    best = min(times, key=times.get)
+    if best == "fused" and "masked_weight" in times and times["fused"] > HYSTERESIS * times["masked_weight"]:
+        best = "masked_weight"
+    with _LOCK:
+        _DECISIONS[key] = best
+        _save_disk()
+    return best
+
+
+def _cuda_time(fn: Callable[[], None], warmup: int = 2, reps: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2] * 1e-3
+
+
+def _dead_bucket(layer, w_rows: Tensor) -> int:
+    """Share of entirely pruned rows in eighths, from the last forward's counts. A synchronous read at
+    a layer's first "auto" call, then every RECHECK_EVERY calls an asynchronous one (pinned copy +
+    event), picked up by a later call once it has landed: no sync in the steady state."""
+    st = layer._exec_state
+    c = w_rows.shape[0]
+    if st is None:
+        counts = layer.last_counts
+        if counts is None or counts.shape[0] != c:
+            with torch.no_grad():
+                counts = ((w_rows.float().abs() - layer.threshold.float()[:, None]) > 0).sum(1)
+        dead = int((counts == 0).sum())
+        st = layer._exec_state = {"calls": 0, "bucket": round(8 * dead / max(c, 1)), "pending": None}
+        return st["bucket"]
+    st["calls"] += 1
+    pend = st["pending"]
+    if pend is not None and pend[0].query():
+        st["bucket"] = round(8 * int(pend[1]) / max(c, 1))
+        st["pending"] = pend = None
+    if pend is None and st["calls"] % RECHECK_EVERY == 0 and layer.last_counts is not None:
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        host.copy_((layer.last_counts == 0).sum(), non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        st["pending"] = (ev, host)
+    return st["bucket"]
+
+
+def _decision_key(layer, x: Tensor, w: Tensor, kind: str, bucket: int) -> str:
+    geom = ""
+    if kind == "conv":
+        geom = f"|s{tuple(layer.stride)}p{_conv_padding(layer)}d{tuple(layer.dilation)}"
+    grads = (torch.is_grad_enabled() and x.requires_grad, torch.is_grad_enabled()
+             and (w.requires_grad or layer.threshold.requires_grad))
+    dev = torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else x.device.type
+    return (f"{kind}|w{tuple(w.shape)}|x{tuple(x.shape)}{geom}|{str(w.dtype).replace('torch.', '')}|{dev}"
+            f"|bias{int(layer.bias is not None)}|grad{int(grads[0])}{int(grads[1])}|dead{bucket}/8")
+
+
+def _measure_candidates(layer, x: Tensor, weight: Tensor, kind: str) -> Dict[str, Callable[[], None]]:
+    """Closures running one forward + backward of each path on copies of the layer's tensors (the
+    layer, its parameters and their gradients are untouched)."""
+    from .ops.masked_weight import masked_weight
+
+    with torch.no_grad():
+        w = weight.detach().clone()
+        t = layer.threshold.detach().clone()
+        b = None if layer.bias is None else layer.bias.detach().clone()
+        xx = x.detach().clone()
+    gx = torch.is_grad_enabled() and x.requires_grad
+    gw = torch.is_grad_enabled() and (weight.requires_grad or layer.threshold.requires_grad)
+    w.requires_grad_(gw)
+    t.requires_grad_(gw)
+    xx.requires_grad_(gx)
+    gm = layer.grad_mode
+    guard = layer.guard_ratio
+    conv = _conv_args(layer) if kind == "conv" else None
+
+    def aten():
+        wh = masked_weight(w, t, gm, guard_ratio=guard)
+        y = F.linear(xx, wh, b) if kind == "linear" else F.conv2d(xx, wh, b, *conv)
+        if gx or gw:
+            y.backward(torch.ones_like(y))
+
+    def fused():
+        y = _apply_fused(kind, xx, w, t, b, gm, guard, conv, None, None, None, None)[0]
+        if gx or gw:
+            y.backward(torch.ones_like(y))
+
+    return {"masked_weight": aten, "fused": fused}
+
+
+def resolve(layer, x: Tensor, weight: Tensor) -> str:
+    """The path this call of `layer` (effective weight `weight`) runs: "masked_weight" or "fused"."""
+    mode = layer.execution
+    if mode == "masked_weight":
+        return mode
+    ok, why = fused_support(layer, x, weight)
+    if mode == "fused":
+        if not ok:
+            _backend.warn_once(f"exec-fused:{type(layer).__name__}:{why}",
+                               f"rgkernels: execution='fused' unavailable for {type(layer).__name__} ({why}); "
+                               f"running masked_weight + the ATen GEMM")
+            return "masked_weight"
+        return "fused"
+    # auto: measured on CUDA only
+    if not ok or x.device.type != "cuda":
+        return "masked_weight"
+    kind = _kind(layer)
+    bucket = _dead_bucket(layer, weight.reshape(weight.shape[0], -1))
+    key = _decision_key(layer, x, weight, kind, bucket)
+    hit = _DECISIONS.get(key)
+    if hit is not None:
+        return hit
+    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return "masked_weight"  # never time inside a graph capture / trace
+    return decide(key, _measure_candidates(layer, x, weight, kind))
+
+
+# =============================================================================================
+# Row compaction helpers (PyTorch; the kernels compute the same on the device)
+# =============================================================================================
+
+def compaction(counts: Tensor, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(perm, zperm, nlive) as rgkernels::triton_mask_stats returns them, from keep counts: live rows
+    first; channels whose output is not identically zero first; nlive = [#live, #non-zero]."""
+    live = counts > 0
+    nz = live if bias is None else live | (bias != 0)
+    perm = torch.argsort((~live).to(torch.int8), stable=True).to(torch.int32)
+    zperm = torch.argsort((~nz).to(torch.int8), stable=True).to(torch.int32)
+    return perm, zperm, torch.stack([live.sum(), nz.sum()]).to(torch.int32)
+
+
+def live_rows(layer) -> Optional[Tensor]:
+    """Indices of the output channels that the layer's last sparse forward kept any weight of."""
+    c = layer.last_counts
+    return None if c is None else torch.nonzero(c > 0).flatten()
+
+
+# =============================================================================================
+# The fused autograd functions
+# =============================================================================================
+
+def _ops():
+    from .ops import triton_mask_stats, triton_masked_conv, triton_masked_linear  # noqa: F401 (registers)
+
+    return torch.ops.rgkernels
+
+
+def _conv_args(layer):
+    return (list(layer.stride), list(_conv_padding(layer)), list(layer.dilation))
+
+
+class _FusedFn(torch.autograd.Function):
+    """y = op(x, W * S(|W| - t)) + b with the §2 gradients; op = linear ([M, K] input) or conv2d."""
+
+    @staticmethod
+    def forward(ctx, x, weight, threshold, bias, kind, grad_mode_id, guard_ratio, conv, in_fwd, in_dgrad,
+                flops, out_info):
+        ops = _ops()
+        w_rows = weight.reshape(weight.shape[0], -1)
+        counts, bits, perm, zperm, nlive = ops.triton_mask_stats(w_rows, threshold, bias, guard_ratio)
+        in_perm, in_nlive = in_fwd if in_fwd is not None else (None, None)
+        if kind == "linear":
+            y = ops.triton_masked_linear_fwd(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops)
+        else:
+            y = ops.triton_masked_conv_fwd(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops,
+                                           *conv)
+        ctx.save_for_backward(x, weight)
+        ctx.threshold = threshold  # not saved_tensors: see rgkernels/ops/masked_weight.py
+        ctx.kind, ctx.grad_mode_id, ctx.conv = kind, grad_mode_id, conv
+        ctx.perm, ctx.nlive, ctx.in_fwd, ctx.in_dgrad, ctx.flops = perm, nlive, in_fwd, in_dgrad, flops
+        ctx.has_bias = bias is not None
+        out_info.update(counts=counts, bits=bits, perm=perm, zperm=zperm, nlive=nlive)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        t = ctx.threshold
+        if torch.is_grad_enabled():  # create_graph=True (R1 & co.): a differentiable composition
+            return _differentiable_backward(ctx, x, weight, t, dy)
+        ops = _ops()
+        dx = gw = gt = db = None
+        if ctx.needs_input_grad[0]:
+            ip, inl = ctx.in_dgrad if ctx.in_dgrad is not None else (None, None)
+            if ctx.kind == "linear":
+                dx = ops.triton_masked_linear_dgrad(dy, weight, t, ctx.perm, ctx.nlive, ip, inl, ctx.flops)
+            else:
+                dx = ops.triton_masked_conv_dgrad(dy, weight, t, ctx.perm, ctx.nlive, ip, inl, ctx.flops,
+                                                  list(x.shape[2:]), *ctx.conv)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            ip, inl = ctx.in_fwd if ctx.in_fwd is not None else (None, None)
+            if ctx.kind == "linear":
+                gw, gt, _ = ops.triton_masked_linear_wgrad(dy, x, weight, t, ip, inl, ctx.grad_mode_id, ctx.flops)
+            else:
+                gw, gt, _ = ops.triton_masked_conv_wgrad(dy, x, weight, t, ip, inl, ctx.grad_mode_id, ctx.flops,
+                                                         *ctx.conv)
+            gw = gw if ctx.needs_input_grad[1] else None
+            gt = gt if ctx.needs_input_grad[2] else None
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            db = dy.sum(0) if ctx.kind == "linear" else dy.sum((0, 2, 3))
+        return dx, gw, gt, db, None, None, None, None, None, None, None, None
+
+
+def _differentiable_backward(ctx, x, weight, t, dy):
+    """The gradients of _FusedFn as a graph, for backward passes with create_graph=True (a gradient
+    penalty differentiates the input gradient again): the reference composition recomputed with the
+    threshold the forward used (its collapse guard already ran, so it is off here) and differentiated
+    with autograd. Costs one extra forward; only such passes take it."""
+    from .ops.masked_weight import masked_weight
+
+    grad_mode = {v: k for k, v in GRAD_MODES.items()}[ctx.grad_mode_id]
+    w_hat = masked_weight(weight, t, grad_mode, guard_ratio=None)
+    y = F.linear(x, w_hat) if ctx.kind == "linear" else F.conv2d(x, w_hat, None, *ctx.conv)
+    wanted = [(i, v) for i, v in enumerate((x, weight, t)) if ctx.needs_input_grad[i]]
+    grads = []
+    if wanted:
+        grads = torch.autograd.grad(y, [v for _, v in wanted], dy, create_graph=True, allow_unused=True)
+    out = [None, None, None]
+    for (i, v), g in zip(wanted, grads):
+        out[i] = g if g is not None else torch.zeros_like(v)
+    db = None
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        db = dy.sum(0) if ctx.kind == "linear" else dy.sum((0, 2, 3))
+    return (*out, db, None, None, None, None, None, None, None, None)
+
+
+def _apply_fused(kind, x, weight, threshold, bias, grad_mode, guard_ratio, conv, in_fwd, in_dgrad,
+                 flops, out_info):
+    """Runs the fused path on raw tensors; returns (y, info dict)."""
+    if flops is None:
+        flops = torch.zeros(3, dtype=torch.int64, device=x.device)
+    info = {} if out_info is None else out_info
+    g = -1.0 if guard_ratio is None else float(guard_ratio)
+    gm = GRAD_MODES[grad_mode]
+    if kind == "linear":
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = _FusedFn.apply(x2, weight, threshold, bias, kind, gm, g, None, in_fwd, in_dgrad, flops, info)
+        y = y.reshape(*lead, weight.shape[0])
+    else:
+        unbatched = x.dim() == 3
+        x4 = x.unsqueeze(0) if unbatched else x
+        y = _FusedFn.apply(x4, weight, threshold, bias, kind, gm, g, conv, in_fwd, in_dgrad, flops, info)
+        if unbatched:
+            y = y.squeeze(0)
+    return y, info
+
+
+def _flops_counter(layer, device: torch.device) -> Tensor:
+    c = layer._exec_flops
+    if c is None or c.device != device:
+        c = torch.zeros(3, dtype=torch.int64, device=device)
+        if layer._exec_flops is not None:
+            c += layer._exec_flops.to(device)
+        layer._exec_flops = c
+    return c
+
+
+def forward(layer, x: Tensor, **kw) -> Tensor:
+    """A masked layer's sparse-mode output when its execution mode is not "masked_weight": resolves
+    the path (the effective weight is computed once: a spectral-norm parametrisation runs one power
+    iteration either way) and runs it."""
+    if layer._exec_record is not None:
+        layer._exec_record = None
+    weight = layer.weight
+    if layer._pre_masked is not None or resolve(layer, x, weight) != "fused":
+        return layer._functional(x, layer._masked_weight(weight), **kw)
+    kind = _kind(layer)
+    layer._hook_stored_weight()
+    in_fwd = in_dgrad = None
+    link = _chain_input(layer, x)
+    if link is not None:
+        in_fwd = link[0]
+        in_dgrad = link[0] if link[1] else None
+    conv = _conv_args(layer) if kind == "conv" else None
+    flops = _flops_counter(layer, x.device)
+    y, info = _apply_fused(kind, x, weight, layer.threshold, layer.bias, layer.grad_mode, layer.guard_ratio, conv,
+                           in_fwd, in_dgrad, flops, None)
+    layer._record_fused(info["counts"], info["bits"], weight.shape)
+    cin = weight.shape[1]
+    khkw = 1 if kind == "linear" else weight.shape[2] * weight.shape[3]
+    layer._exec_record = {"nlive": info["nlive"], "in_nlive": None if in_fwd is None else in_fwd[1],
+                          "dgrad_skip": in_dgrad is not None, "cout": weight.shape[0], "cin": cin, "khkw": khkw}
+    seq = layer._chain_seq() if layer._chain_seq is not None else None
+    if seq is not None and getattr(seq, "_rg_token", None) is not None:
+        layer._chain_out = (seq._rg_token, info["zperm"], info["nlive"][1:])
+    return y
+
+
+# =============================================================================================
+# Chains of masked layers
+# =============================================================================================
+
+def _zero_preserving(mod: nn.Module) -> Tuple[bool, bool]:
+    """(maps 0 to 0 elementwise, derivative 0 at 0) for a module allowed between chained layers."""
+    elementwise = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.ELU, nn.CELU, nn.SELU, nn.SiLU,
+                   nn.GELU, nn.Mish, nn.Hardtanh, nn.Hardswish, nn.Softsign, nn.Tanhshrink, nn.Dropout,
+                   nn.Dropout2d, nn.PReLU)
+    if type(mod) not in elementwise:
+        return False, False
+    if isinstance(mod, nn.PReLU):
+        return True, False
+    with torch.enable_grad():
+        z0 = torch.zeros(4, requires_grad=True)
+        z = z0 * 1.0
+        if isinstance(mod, nn.Dropout2d):
+            out = mod(z.view(1, 4, 1, 1)).reshape(-1)
+        else:
+            out = mod(z)
+        if not torch.equal(out.detach(), torch.zeros(4)):
+            return False, False
+        out.backward(torch.ones(4))
+    return True, bool(torch.equal(z0.grad, torch.zeros(4)))
+
+
+class ChainHandle:
+    def __init__(self, handles, links, objs):
+        self._handles = handles
+        self.links = links  # [(producer name, consumer name, input gradient skipped)]
+        self._objs = objs
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for producer, consumer, _, _ in self._objs:
+            consumer._chain_src = None
+            producer._chain_seq = producer._chain_out = None
+        self._objs = []
+
+
+def _chain_call_begins(seq, args):  # module-level: a model with these hooks still pickles
+    seq._rg_token = object()
+
+
+def _chain_call_ends(seq, args, out):
+    seq._rg_token = None
+
+
+def compact_chains(module: nn.Module) -> ChainHandle:
+    """Links the chained masked layers of every stock nn.Sequential inside `module` (see the module
+    docstring); returns a handle with `.links` and `.remove()`. The links are weak references, not
+    kept by pickling / deepcopy: call it again on a loaded or copied model."""
+    from .layers import MaskedConv2d, MaskedLayer, MaskedLinear
+
+    names = {id(m): n for n, m in module.named_modules()}
+    handles, links, objs = [], [], []
+    for seq in module.modules():
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+            continue
+        prev, fwd_ok, dgrad_zero = None, True, False
+        linked = False
+        for child in seq:
+            if isinstance(child, MaskedLayer):
+                same = (isinstance(prev, MaskedLinear) and isinstance(child, MaskedLinear)
+                        and prev.out_features == child.in_features) or \
+                       (type(prev) is type(child) and isinstance(child, MaskedConv2d)
+                        and prev.out_channels == child.in_channels and child.groups == 1)
+                if prev is not None and fwd_ok and same:
+                    child._chain_src = weakref.ref(prev)
+                    child._chain_dgrad = dgrad_zero
+                    prev._chain_seq = weakref.ref(seq)
+                    links.append((names.get(id(prev), "?"), names.get(id(child), "?"), dgrad_zero))
+                    objs.append((prev, child, dgrad_zero, seq))
+                    linked = True
+                prev, fwd_ok, dgrad_zero = child, True, False
+            else:
+                ok, dz = _zero_preserving(child)
+                fwd_ok = fwd_ok and ok
+                dgrad_zero = dgrad_zero or dz
+        if linked:
+            handles += [seq.register_forward_pre_hook(_chain_call_begins),
+                        seq.register_forward_hook(_chain_call_ends)]
+    return ChainHandle(handles, links, objs)
+
+
+def _chain_input(layer, x: Tensor):
+    """((in_perm, in_nlive), input gradient may skip) when this call follows its chain producer's fused
+    forward in the same Sequential call; else None."""
+    src = layer._chain_src() if layer._chain_src is not None else None
+    if src is None:
+        return None
+    seq = src._chain_seq() if src._chain_seq is not None else None
+    token = getattr(seq, "_rg_token", None) if seq is not None else None
+    out = src._chain_out
+    if token is None or out is None or out[0] is not token or not src.sparse:
+        return None
+    cin = x.shape[-1] if _kind(layer) == "linear" else x.shape[-3]
+    if out[1].shape[0] != cin or out[1].device != x.device:
+        return None
+    return (out[1], out[2]), layer._chain_dgrad
+
+
+# =============================================================================================
+# Executed FLOPs
+# =============================================================================================
+
+def executed_flops(module: nn.Module) -> Dict[str, Dict[str, int]]:
+    """name -> {forward, input_grad, weight_grad}: FLOPs the fused kernels of each masked layer ran since
+    the last reset (one host sync per device for the whole model)."""
+    from .convert import _to_host, masked_layers
+
+    layers = [(n, m) for n, m in masked_layers(module) if m._exec_flops is not None]
+    vals = _to_host([m._exec_flops[i] for _, m in layers for i in range(3)])
+    return {n: dict(zip(("forward", "input_grad", "weight_grad"), vals[3 * j: 3 * j + 3]))
+            for j, (n, _) in enumerate(layers)}
+
+
+def reset_executed_flops(module: nn.Module) -> None:
+    from .convert import masked_layers
+
+    for _, m in masked_layers(module):
+        if m._exec_flops is not None:
+            m._exec_flops.zero_()
+
+
+def record_executed(layer, uses: int):
+    """(forward, input_grad, weight_grad) executed FLOPs of the layer's last forward, as ints or 0-dim
+    device tensors, or None when it ran the masked-weight path (executed = dense)."""
+    r = layer._exec_record
+    if r is None:
+        return None
+    nl = r["nlive"][0].to(torch.int64)
+    cin = r["cin"] if r["in_nlive"] is None else r["in_nlive"][0].to(torch.int64)
+    cin_dgrad = cin if r["dgrad_skip"] else r["cin"]
+    k = r["khkw"]
+    return 2 * uses * nl * cin * k, 2 * uses * nl * cin_dgrad * k, 2 * uses * r["cout"] * cin * k
+
+
+__all__ = ["EXECUTION_MODES", "set_execution", "default_execution", "resolve", "fused_support", "decide",
+           "decisions", "clear_decisions", "set_decision_cache", "compaction", "live_rows", "compact_chains",
+           "executed_flops", "reset_executed_flops", "record_executed"]

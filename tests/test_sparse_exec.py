@@ -1,0 +1,449 @@
+"""Execution modes of the masked layers (rgkernels/sparse_exec.py): "fused" against the reference
+composition ("masked_weight": masked_weight + F.linear / F.conv2d) at the layer level, row and chain
+compaction, the collapse guard, masks / statistics / protect_pruned on the fused path, executed-FLOP
+counting, and the "auto" decision and its cache. Triton runs in the interpreter without a GPU."""
+import copy
+import json
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import rgkernels
+from rgkernels import sparse_exec as SE
+from rgkernels.ops import triton_masked_linear as TL
+
+_OK, _WHY = TL.available()
+needs_triton = pytest.mark.skipif(not _OK, reason=f"Triton unavailable: {_WHY}")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _prune(layer, dead=(), hi=0.3):
+    with torch.no_grad():
+        layer.threshold.uniform_(0.0, hi)
+        for i in dead:
+            layer.threshold[i] = 100.0
+    return layer
+
+
+def _pair(make, mode="fused"):
+    ref = make().to(DEV)
+    fused = copy.deepcopy(ref)
+    SE.set_execution(fused, mode)
+    return ref, fused
+
+
+def _params(m):
+    return dict(m.named_parameters())
+
+
+def _check_same(ref, fused, x, rtol=1e-5, atol=1e-6, calls=1):
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1 = sum(ref(x1) for _ in range(calls))
+    y2 = sum(fused(x2) for _ in range(calls))
+    torch.testing.assert_close(y2, y1, rtol=rtol, atol=atol)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=rtol, atol=atol)
+    p1, p2 = _params(ref), _params(fused)
+    for name in p1:
+        if p1[name].grad is None:
+            assert p2[name].grad is None, name
+            continue
+        torch.testing.assert_close(p2[name].grad, p1[name].grad, rtol=rtol, atol=atol, msg=name)
+    for (_, a), (_, b) in zip(rgkernels.masked_layers(ref), rgkernels.masked_layers(fused)):
+        assert torch.equal(a.threshold, b.threshold)
+        assert torch.equal(a.last_counts, b.last_counts)
+        assert torch.equal(a.mask(), b.mask())
+
+
+# ---- mode API ------------------------------------------------------------------------------------
+
+def test_mode_api(monkeypatch):
+    lin = rgkernels.MaskedLinear(4, 3)
+    assert lin.execution == "masked_weight"  # opt-in
+    monkeypatch.setenv("RGKERNELS_EXECUTION", "auto")
+    assert lin.execution == "auto"
+    lin.execution = "fused"
+    assert lin.execution == "fused"
+    with pytest.raises(ValueError):
+        lin.execution = "sparse"
+    model = nn.Sequential(rgkernels.MaskedLinear(4, 4), nn.ReLU(), rgkernels.MaskedConv2d(2, 2, 3))
+    assert SE.set_execution(model, "auto") is model
+    assert all(m.execution == "auto" for _, m in rgkernels.masked_layers(model))
+    lin2 = pickle.loads(pickle.dumps(lin))
+    assert lin2.execution == "fused"
+
+
+def test_auto_is_masked_weight_on_cpu():
+    SE.clear_decisions()
+    lin = _prune(rgkernels.MaskedLinear(8, 6), dead=[1])
+    lin.execution = "auto"
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*execution.*", category=rgkernels.RGKernelsWarning)
+        y = lin(x)
+    assert SE.resolve(lin, x, lin.weight) == "masked_weight"
+    assert lin._last_masked is not None and lin._last_bits is None and lin._exec_record is None
+    assert SE.decisions() == {}
+    torch.testing.assert_close(y, nn.functional.linear(x, lin._last_masked, lin.bias))
+
+
+@needs_triton
+def test_forced_fused_unavailable_warns_once_and_falls_back():
+    SE.clear_decisions()
+    tconv = rgkernels.MaskedConvTranspose2d(3, 4, 3).to(DEV)
+    ref = copy.deepcopy(tconv)
+    tconv.execution = "fused"
+    x = torch.randn(2, 3, 5, 5, device=DEV)
+    with pytest.warns(rgkernels.RGKernelsWarning, match="fused.*unavailable.*MaskedConvTranspose2d"):
+        y = tconv(x)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*execution.*", category=rgkernels.RGKernelsWarning)
+        tconv(x)  # once per reason
+    torch.testing.assert_close(y, ref(x))
+    lin = rgkernels.MaskedLinear(5, 4).double().to(DEV)
+    lin.execution = "fused"
+    with pytest.warns(rgkernels.RGKernelsWarning, match="float64"):
+        lin(torch.randn(2, 5, dtype=torch.float64, device=DEV))
+    assert lin._last_bits is None and lin._last_masked is not None
+
+
+def test_fused_without_triton_falls_back(monkeypatch):
+    monkeypatch.setattr(SE, "_triton_ok", lambda device, kind: (False, "no Triton here"))
+    lin = _prune(rgkernels.MaskedLinear(6, 5), dead=[0])
+    ref = copy.deepcopy(lin)
+    lin.execution = "fused"
+    with pytest.warns(rgkernels.RGKernelsWarning, match="no Triton here"):
+        _check_same(ref, lin, torch.randn(3, 6))
+
+
+# ---- fused layers against the reference composition ------------------------------------------------
+
+LINEAR_INPUTS = [(5, 12), (2, 3, 12), (12,)]
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", LINEAR_INPUTS)
+@pytest.mark.parametrize("grad_mode", ["dst", "masked"])
+def test_fused_linear_layer(shape, grad_mode):
+    def make():
+        m = _prune(rgkernels.MaskedLinear(12, 10), dead=[2, 7])
+        m.grad_mode = grad_mode
+        return m
+
+    ref, fused = _pair(make)
+    _check_same(ref, fused, torch.randn(shape, device=DEV))
+    assert fused._last_bits is not None and fused._last_masked is None
+    assert ref._last_bits is None
+
+
+@needs_triton
+def test_fused_linear_non_contiguous_input_and_threshold_only_grad():
+    ref, fused = _pair(lambda: _prune(rgkernels.MaskedLinear(9, 7, bias=False), dead=[0]))
+    x = torch.randn(9, 6, device=DEV).t()  # [6, 9] with strides (1, 6)
+    _check_same(ref, fused, x)
+    for m in (ref, fused):
+        m.weight.requires_grad_(False)
+        m.zero_grad()
+    y1, y2 = ref(x).square().sum(), fused(x).square().sum()
+    y1.backward()
+    y2.backward()
+    torch.testing.assert_close(fused.threshold.grad, ref.threshold.grad)
+
+
+CONV_KW = [
+    dict(in_channels=3, out_channels=6, kernel_size=3, padding=1),
+    dict(in_channels=4, out_channels=5, kernel_size=(3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2)),
+    dict(in_channels=3, out_channels=4, kernel_size=3, padding="same", bias=False),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("kw", CONV_KW)
+def test_fused_conv_layer(kw):
+    ref, fused = _pair(lambda: _prune(rgkernels.MaskedConv2d(**kw), dead=[1]))
+    _check_same(ref, fused, torch.randn(2, kw["in_channels"], 7, 6, device=DEV))
+
+
+@needs_triton
+def test_fused_conv_unbatched_channels_last_and_two_calls_before_backward():
+    kw = dict(in_channels=3, out_channels=5, kernel_size=3, padding=1)
+    ref, fused = _pair(lambda: _prune(rgkernels.MaskedConv2d(**kw), dead=[0]))
+    _check_same(ref, fused, torch.randn(3, 6, 6, device=DEV))
+    ref.zero_grad()
+    fused.zero_grad()
+    x = torch.randn(2, 3, 6, 6, device=DEV).contiguous(memory_format=torch.channels_last)
+    _check_same(ref, fused, x, calls=2)  # D(real) + D(fake) before one backward
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_linear_low_precision(dtype):
+    ref, fused = _pair(lambda: _prune(rgkernels.MaskedLinear(16, 12), dead=[3]).to(dtype))
+    x = torch.randn(6, 16, device=DEV, dtype=dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ref(x1), fused(x2)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    tol = dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(y2.float(), y1.float(), **tol)
+    torch.testing.assert_close(x2.grad.float(), x1.grad.float(), **tol)
+    torch.testing.assert_close(fused.weight.grad.float(), ref.weight.grad.float(), **tol)
+    torch.testing.assert_close(fused.threshold.grad, ref.threshold.grad, rtol=5e-2, atol=0.3)
+    assert torch.equal(fused.mask(), ref.mask())
+
+
+@needs_triton
+def test_collapse_guard_on_fused_path():
+    ref, fused = _pair(lambda: _prune(rgkernels.MaskedLinear(10, 8), dead=range(8)))
+    _check_same(ref, fused, torch.randn(4, 10, device=DEV))
+    assert torch.equal(fused.threshold, torch.zeros(8, device=DEV))  # reset in place (§1)
+    assert int(fused.last_counts.sum()) == 80
+    # guard off: every row pruned, output = bias, nothing executed in forward / input grad
+    ref, fused = _pair(lambda: _prune(rgkernels.MaskedLinear(10, 8), dead=range(8)))
+    ref.guard_ratio = fused.guard_ratio = None
+    _check_same(ref, fused, torch.randn(4, 10, device=DEV))
+    rep = rgkernels.count_flops(fused, torch.randn(4, 10, device=DEV))
+    assert rep.forward.executed == 0 and rep.input_grad.executed == 0
+    assert rep.weight_grad.executed == rep.weight_grad.dense
+
+
+@needs_triton
+def test_spectral_norm_reparametrised():
+    def make():
+        m = nn.utils.parametrizations.spectral_norm(nn.Linear(8, 6))
+        rgkernels.sparsify(m)
+        return _prune(m, dead=[4], hi=0.1)
+
+    torch.manual_seed(1)
+    ref, fused = _pair(make)
+    fused.load_state_dict(ref.state_dict())
+    ref.eval()
+    fused.eval()  # no power iteration: both see the same effective weight
+    _check_same(ref, fused, torch.randn(3, 8, device=DEV))
+    # the stored parameter's gradient is masked with the fused forward's mask (bits)
+    orig = fused.parametrizations.weight.original
+    assert torch.all(orig.grad[~fused.mask()] == 0)
+
+
+@needs_triton
+def test_protect_pruned_and_stats_on_fused_path():
+    ref, fused = _pair(lambda: _prune(rgkernels.MaskedLinear(12, 9), dead=[0, 5]))
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (ref, fused)]
+    for m, o in zip((ref, fused), opts):
+        rgkernels.protect_pruned(m, o)
+    x = torch.randn(4, 12, device=DEV)
+    for _ in range(2):
+        for m, o in zip((ref, fused), opts):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    torch.testing.assert_close(fused.weight, ref.weight)
+    torch.testing.assert_close(fused.threshold, ref.threshold)
+    fused(x)
+    ref(x)
+    assert rgkernels.layer_stats(fused) == rgkernels.layer_stats(ref)
+    assert rgkernels.keep_ratio(fused) == rgkernels.keep_ratio(ref)
+    assert SE.live_rows(fused).tolist() == [i for i in range(9) if i not in (0, 5)]
+
+
+@needs_triton
+def test_grouped_masks_context_uses_the_precomputed_weights():
+    ref, fused = _pair(lambda: nn.Sequential(_prune(rgkernels.MaskedLinear(6, 5), dead=[1]), nn.ReLU(),
+                                             _prune(rgkernels.MaskedLinear(5, 3))))
+    x = torch.randn(2, 6, device=DEV)
+    with rgkernels.grouped_masks(fused):
+        y = fused(x)
+    torch.testing.assert_close(y, ref(x))
+    assert fused[0]._exec_record is None and fused[0]._last_masked is not None
+
+
+# ---- chains -----------------------------------------------------------------------------------------
+
+def _mlp():
+    return nn.Sequential(
+        _prune(rgkernels.MaskedLinear(12, 20, bias=False), dead=[1, 2, 3, 9]), nn.ReLU(),
+        _prune(rgkernels.MaskedLinear(20, 9), dead=[0, 4]), nn.LeakyReLU(0.2),
+        _prune(rgkernels.MaskedLinear(9, 5)), nn.Sigmoid(),
+        _prune(rgkernels.MaskedLinear(5, 4)))
+
+
+@needs_triton
+def test_chain_linear():
+    ref, fused = _pair(_mlp)
+    with torch.no_grad():
+        fused[2].bias[4] = 0.0  # pruned row 4 of layer 2 with a zero bias: a zero channel for layer 4
+        ref[2].bias[4] = 0.0
+    h = SE.compact_chains(fused)
+    # 0 -> 2 through ReLU (input gradient skipped too), 2 -> 4 through LeakyReLU (forward only);
+    # no link through Sigmoid (sigmoid(0) != 0)
+    assert h.links == [("0", "2", True), ("2", "4", False)]
+    x = torch.randn(7, 12, device=DEV)
+    _check_same(ref, fused, x)
+    live = [int((fused[i].last_counts > 0).sum()) for i in (0, 2, 4, 6)]
+    nonzero2 = int(((fused[2].last_counts > 0) | (fused[2].bias != 0)).sum())
+    assert live[0] <= 16 and nonzero2 <= 8  # rows 1, 2, 3, 9 of layer 0 and 4 of layer 2 are zero channels
+    assert fused[2]._exec_record["in_nlive"].tolist() == [live[0]]
+    assert fused[4]._exec_record["in_nlive"].tolist() == [nonzero2]
+    assert fused[6]._exec_record["in_nlive"] is None
+    # count_flops: executed figures from the kernels' live counts; dense / active as on the reference
+    SE.reset_executed_flops(fused)
+    r_ref, r_fused = rgkernels.count_flops(ref, x), rgkernels.count_flops(fused, x)
+    for name in r_ref.layers:
+        a, b = r_ref.layers[name], r_fused.layers[name]
+        assert (a.forward.dense, a.forward.active, a.step.dense, a.step.active) == \
+               (b.forward.dense, b.forward.active, b.step.dense, b.step.active)
+    m = 7
+    exp = {"0": (2 * m * live[0] * 12, 2 * m * live[0] * 12, 2 * m * 20 * 12),
+           "2": (2 * m * live[1] * live[0], 2 * m * live[1] * live[0], 2 * m * 9 * live[0]),
+           "4": (2 * m * live[2] * nonzero2, 2 * m * live[2] * 9, 2 * m * 5 * nonzero2),
+           "6": (2 * m * live[3] * 5, 2 * m * live[3] * 5, 2 * m * 4 * 5)}
+    got = {n: (lf.forward.executed, lf.input_grad.executed, lf.weight_grad.executed)
+           for n, lf in r_fused.layers.items()}
+    assert got == exp
+    # the device counters agree with count_flops after a real forward + backward
+    SE.reset_executed_flops(fused)
+    fused(x.clone().requires_grad_()).sum().backward()
+    dev = SE.executed_flops(fused)
+    assert {n: (d["forward"], d["input_grad"], d["weight_grad"]) for n, d in dev.items()} == exp
+    h.remove()
+    fused(x)
+    assert fused[2]._exec_record["in_nlive"] is None
+
+
+@needs_triton
+def test_chain_conv_and_mixed_paths():
+    def make():
+        return nn.Sequential(
+            _prune(rgkernels.MaskedConv2d(3, 8, 3, padding=1, bias=False), dead=[0, 5]), nn.ReLU(inplace=True),
+            _prune(rgkernels.MaskedConv2d(8, 6, 3, stride=2, padding=1), dead=[2]))
+
+    ref, fused = _pair(make)
+    h = SE.compact_chains(fused)
+    assert h.links == [("0", "2", True)]
+    x = torch.randn(2, 3, 6, 6, device=DEV)
+    _check_same(ref, fused, x)
+    live0, live2 = (int((fused[i].last_counts > 0).sum()) for i in (0, 2))
+    assert live0 <= 6 and live2 <= 5
+    assert fused[2]._exec_record["in_nlive"].tolist() == [live0]
+    r = rgkernels.count_flops(fused, x)
+    uses = 2 * 3 * 3
+    assert r.layers["2"].forward.executed == 2 * uses * live2 * live0 * 9
+    assert r.layers["2"].input_grad.executed == 2 * uses * live2 * live0 * 9
+    assert r.layers["2"].weight_grad.executed == 2 * uses * 6 * live0 * 9
+    # the producer on the masked-weight path: the consumer runs without input skipping
+    fused[0].execution = "masked_weight"
+    ref.zero_grad()
+    fused.zero_grad()
+    _check_same(ref, fused, x)
+    assert fused[2]._exec_record["in_nlive"] is None
+    # the consumer called on its own (outside the Sequential): no stale chain information
+    fused[0].execution = "fused"
+    fused(x)
+    y = fused[2](torch.randn(2, 8, 6, 6, device=DEV))
+    assert fused[2]._exec_record["in_nlive"] is None and y.shape == (2, 6, 3, 3)
+
+
+# ---- executed FLOPs --------------------------------------------------------------------------------
+
+@needs_triton
+def test_count_flops_executed_single_conv():
+    conv = _prune(rgkernels.MaskedConv2d(4, 6, 3, padding=1), dead=[1, 3], hi=0.05).to(DEV)
+    conv.execution = "fused"
+    x = torch.randn(2, 4, 5, 5, device=DEV)
+    r = rgkernels.count_flops(conv, x)
+    uses, k = 2 * 25, 4 * 9
+    assert r.forward.dense == 2 * uses * 6 * k
+    assert r.forward.executed == r.input_grad.executed == 2 * uses * 4 * k
+    assert r.weight_grad.executed == 2 * uses * 6 * k
+    assert r.forward.active == 2 * uses * int(conv.last_counts.sum())
+    conv.execution = "masked_weight"
+    r2 = rgkernels.count_flops(conv, x)
+    assert r2.step.executed == r2.step.dense and r2.forward.active == r.forward.active
+
+
+# ---- the "auto" decision and its cache ---------------------------------------------------------------
+
+def test_decide_and_disk_cache(tmp_path, monkeypatch):
+    SE.clear_decisions()
+    path = tmp_path / "exec.json"
+    SE.set_decision_cache(str(path))
+    try:
+        fake = {"masked_weight": 1.0, "fused": 0.5}
+        timer = lambda fn: fake[fn()]  # noqa: E731
+        cands = {"masked_weight": lambda: "masked_weight", "fused": lambda: "fused"}
+        assert SE.decide("k1", cands, timer) == "fused"
+        fake["fused"] = 0.99  # within the hysteresis: stay on the existing path
+        assert SE.decide("k2", cands, timer) == "masked_weight"
+        fake["fused"] = 0.01
+        assert SE.decide("k2", cands, timer) == "masked_weight"  # cached: not measured again
+        assert json.loads(path.read_text())["decisions"] == {"k1": "fused", "k2": "masked_weight"}
+        SE.clear_decisions()
+        assert SE.decisions() == {"k1": "fused", "k2": "masked_weight"}  # read back from disk
+        calls = []
+        assert SE.decide("k1", cands, lambda fn: calls.append(1) or 1.0) == "fused" and not calls
+    finally:
+        SE.set_decision_cache(None)
+        SE.clear_decisions()
+
+
+def test_compaction_helper():
+    counts = torch.tensor([3, 0, 5, 0, 1], dtype=torch.int32)
+    bias = torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0])
+    perm, zperm, nlive = SE.compaction(counts, bias)
+    assert perm.tolist() == [0, 2, 4, 1, 3] and zperm.tolist() == [0, 1, 2, 4, 3] and nlive.tolist() == [3, 4]
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_gradient_penalty_double_backward(kind):
+    """R1-style: the input gradient taken with create_graph=True and differentiated again reaches the
+    weights and thresholds exactly as through the reference composition."""
+    if kind == "linear":
+        make, shape = (lambda: _prune(rgkernels.MaskedLinear(8, 6), dead=[1], hi=0.1)), (4, 8)
+    else:
+        make, shape = (lambda: _prune(rgkernels.MaskedConv2d(3, 4, 3, padding=1), dead=[1], hi=0.1)), (2, 3, 5, 5)
+    ref, fused = _pair(make)
+    x = torch.randn(shape, device=DEV)
+    for m in (ref, fused):
+        xx = x.clone().requires_grad_()
+        out = m(xx)
+        (gx,) = torch.autograd.grad(out.square().sum(), xx, create_graph=True)
+        (gx.square().sum() + out.sum()).backward()
+    for name, p in _params(ref).items():
+        torch.testing.assert_close(_params(fused)[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows_dead", [0, 48])
+def test_auto_on_gpu_measures_once_and_matches_reference(rows_dead):
+    SE.clear_decisions()
+    ref, auto = _pair(lambda: _prune(rgkernels.MaskedLinear(256, 96), dead=range(rows_dead), hi=0.02), "auto")
+    x = torch.randn(64, 256, device=DEV)
+    _check_same(ref, auto, x)
+    keys = list(SE.decisions())
+    assert len(keys) == 1 and f"dead{round(8 * rows_dead / 96)}/8" in keys[0]
+    for _ in range(3):
+        auto(x)
+    assert list(SE.decisions()) == keys  # measured once
+    SE.clear_decisions()
+
+
+@needs_triton
+def test_chained_model_pickles_and_deepcopies():
+    model = _mlp().to(DEV)
+    SE.set_execution(model, "fused")
+    SE.compact_chains(model)
+    x = torch.randn(3, 12, device=DEV)
+    y = model(x)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        torch.testing.assert_close(clone(x), y)
+        assert clone[2]._exec_record["in_nlive"] is None  # links are not carried over
+        SE.compact_chains(clone)
+        torch.testing.assert_close(clone(x), y)
+        assert clone[2]._exec_record["in_nlive"] is not None
