@@ -1,0 +1,147 @@
+"""Masked layers, forward + backward, against the dense nn layer and an eager reference layer.
+
+  dense      the nn layer (nn.Linear / nn.Conv2d) with the same weights: the floor
+  masked     the masked layer in sparse mode with execution="auto": on CPU the masked-weight path
+             (compiled CPU masked_weight kernel when built, then the CPU GEMM); on a GPU the path "auto"
+             measured for this shape (rgkernels/sparse_exec.py)
+  eager      the masked layer on the reference backend (masked_weight as a chain of PyTorch ops)
+  fused      (GPU) execution="fused": Triton, mask in the GEMM prologue, row compaction
+  mw         (GPU) execution="masked_weight": fused masked-weight op + cuBLAS / cuDNN
+
+Sparsity of the masked variants: unstructured keep ratios 1.0, 0.7, 0.5, 0.3 (per-row thresholds at the
+row's |W| quantile) and 25% / 50% of the rows entirely pruned (the other rows dense). Phases: "step"
+(forward + input gradient + weight / threshold gradient) everywhere; "fwd_dgrad" (forward + input
+gradient, the GEMMs sparsity can shorten, §4) on a GPU. Shapes: benchmarks/shapes.py LAYER_CASES (SNGAN
+32x32, StyleGAN2 256x256, FastGAN 256x256 with their batch sizes); on CPU only the cases marked for it,
+with the threads set by RGKERNELS_BENCH_THREADS (default: torch's).
+
+On a shared CPU, wall-clock times swing with the other load; for stable ratios run one thread and time
+the thread's CPU time:
+    RGKERNELS_BENCH_THREADS=1 pytest benchmarks/bench_masked_layers.py --benchmark-only \
+        --benchmark-timer=time.thread_time
+(thread_time counts only the calling thread: use it with one thread only). Big CPU tensors are
+page-faulted in at every allocation (glibc maps blocks over 32 MB afresh); THP_MEM_ALLOC_ENABLE=1 (a
+PyTorch setting: transparent huge pages for CPU tensors) cuts that cost about 4x for dense and masked.
+
+Targets (BENCHMARKS.md, not asserted): GPU keep 1.0 <= 1.05x dense and 50% rows pruned <= 0.65x dense
+for fwd_dgrad; CPU masked <= 1.05x dense for a step.
+"""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import rgkernels
+from rgkernels import sparse_exec
+
+from benchutil import sync
+from shapes import LAYER_CASES
+
+SPARSITY = {"keep1.0": (1.0, 0.0), "keep0.7": (0.7, 0.0), "keep0.5": (0.5, 0.0), "keep0.3": (0.3, 0.0),
+            "rows25": (1.0, 0.25), "rows50": (1.0, 0.5)}
+
+if os.environ.get("RGKERNELS_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["RGKERNELS_BENCH_THREADS"]))
+
+
+def _cases():
+    out = []
+    for model, name, kind, wshape, xshape, stride, padding, on_cpu in LAYER_CASES:
+        case = (model, name, kind, wshape, xshape, stride, padding)
+        cid = f"{model}-{name}"
+        if on_cpu:
+            out.append(pytest.param(case, "cpu", id=f"{cid}-cpu"))
+        out.append(pytest.param(case, "cuda", id=f"{cid}-cuda", marks=pytest.mark.gpu))
+    return out
+
+
+def _make(kind, wshape, stride, padding, masked):
+    if kind == "linear":
+        cls = rgkernels.MaskedLinear if masked else nn.Linear
+        return cls(wshape[1], wshape[0])
+    cls = rgkernels.MaskedConv2d if masked else nn.Conv2d
+    return cls(wshape[1], wshape[0], tuple(wshape[2:]), stride=stride, padding=padding)
+
+
+def _set_sparsity(layer, keep, rows_dead, gen):
+    with torch.no_grad():
+        a = layer.weight.detach().abs().reshape(layer.weight.shape[0], -1).float()
+        if keep >= 1.0:
+            t = torch.zeros(a.shape[0], device=a.device)
+        else:
+            t = torch.quantile(a.cpu(), 1.0 - keep, dim=1).to(a.device)
+        n_dead = int(round(rows_dead * a.shape[0]))
+        if n_dead:
+            dead = torch.randperm(a.shape[0], generator=gen)[:n_dead].to(a.device)
+            t[dead] = a.max(1).values[dead] + 1.0
+        layer.threshold.copy_(t)
+
+
+def _layer(case, device, impl, sparsity, dtype):
+    model, name, kind, wshape, xshape, stride, padding = case
+    gen = torch.Generator().manual_seed(0)
+    dense = _make(kind, wshape, stride, padding, masked=False)
+    if impl == "dense":
+        return dense.to(device, dtype)
+    layer = _make(kind, wshape, stride, padding, masked=True)
+    layer.load_state_dict(dense.state_dict(), strict=False)
+    layer = layer.to(device, dtype)
+    _set_sparsity(layer, *SPARSITY[sparsity], gen)
+    layer.execution = {"masked": "auto", "eager": "masked_weight", "fused": "fused", "mw": "masked_weight"}[impl]
+    return layer
+
+
+def _rounds(case, device):
+    return 20 if device == "cuda" else 3
+
+
+IMPLS_CPU = ["dense", "masked", "eager"]
+IMPLS_GPU = ["dense", "masked", "eager", "fused", "mw"]
+
+
+def _params():
+    out = []
+    for p in _cases():
+        case, device = p.values
+        impls = IMPLS_CPU if device == "cpu" else IMPLS_GPU
+        phases = ["step"] if device == "cpu" else ["step", "fwd_dgrad"]
+        for phase in phases:
+            for impl in impls:
+                for sp in (["-"] if impl == "dense" else list(SPARSITY)):
+                    out.append(pytest.param(case, device, phase, impl, sp, id=f"{p.id}-{phase}-{impl}-{sp}",
+                                            marks=p.marks))
+    return out
+
+
+@pytest.mark.parametrize("case,device,phase,impl,sparsity", _params())
+def test_masked_layer(benchmark, case, device, phase, impl, sparsity):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    dtype = torch.float32
+    layer = _layer(case, device, impl, sparsity, dtype)
+    x = torch.randn(case[4], device=device, dtype=dtype, requires_grad=True)
+    if phase == "fwd_dgrad":
+        for p in layer.parameters():
+            p.requires_grad_(False)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    with torch.no_grad():
+        g = torch.ones_like(layer(x)).normal_()
+    benchmark.extra_info.update(model=case[0], layer=case[1], device=device, phase=phase, impl=impl,
+                                sparsity=sparsity, weight=list(case[3]), input=list(case[4]),
+                                threads=torch.get_num_threads())
+    backend = "reference" if impl == "eager" else None
+
+    def run():
+        with rgkernels.use_backend(backend):
+            y = layer(x)
+        y.backward(g)
+        x.grad = None
+        for p in params:
+            p.grad = None
+        sync(device)
+
+    run()  # JIT / "auto" decision outside the timing
+    if impl == "masked" and isinstance(layer, rgkernels.MaskedLayer):
+        benchmark.extra_info["path"] = sparse_exec.resolve(layer, x, layer.weight)
+    benchmark.pedantic(run, rounds=_rounds(case, device), warmup_rounds=1)
