@@ -375,3 +375,17 @@ def test_compiles_for_sm90():
     if res.returncode != 0 and "ptxas" in (res.stderr or "") and "not found" in res.stderr:
         pytest.skip("ptxas unavailable")
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_dot_precision_follows_torch():
+    from rgkernels.ops import _triton_util as U
+
+    mm, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    old = (mm.fp32_precision, conv.fp32_precision)
+    try:
+        mm.fp32_precision, conv.fp32_precision = "tf32", "ieee"
+        assert U.dot_precision("linear") == "tf32" and U.dot_precision("conv") == "ieee"
+        mm.fp32_precision, conv.fp32_precision = "ieee", "tf32"
+        assert U.dot_precision("linear") == "ieee" and U.dot_precision("conv") == "tf32"
+    finally:
+        mm.fp32_precision, conv.fp32_precision = old

@@ -95,14 +95,33 @@ class _NullCtx:
         return False
 
 
+def _fp32_precision(getters, legacy) -> str:
+    for get in getters:
+        try:
+            v = get()
+        except Exception:  # an older torch without the setting
+            v = None
+        if v in ("tf32", "ieee"):
+            return v
+    try:
+        return "tf32" if legacy() else "ieee"
+    except RuntimeError:  # torch refuses the legacy flag after the new API was used
+        return "ieee"
+
+
 def dot_precision(kind: str) -> str:
-    """tl.dot `input_precision` for float32 operands, following what the ATen op would do:
-    F.linear (cuBLAS) uses TF32 only when torch.backends.cuda.matmul.allow_tf32 is set (off by
-    default: full "ieee" float32 FMA), F.conv2d (cuDNN) when torch.backends.cudnn.allow_tf32 is set
-    (on by default). fp16 / bf16 operands ignore it (tensor cores with float32 accumulation)."""
+    """tl.dot `input_precision` for float32 operands, following what the ATen op would do: TF32 for
+    F.linear (cuBLAS) only when enabled (torch.backends.cuda.matmul.fp32_precision = "tf32", or the
+    legacy allow_tf32; off by default: full "ieee" float32), for F.conv2d (cuDNN) when
+    torch.backends.cudnn.conv.fp32_precision is "tf32" (the default; legacy cudnn.allow_tf32).
+    The new per-operator setting wins, then its parents, then the legacy flag. fp16 / bf16 operands
+    ignore it (tensor cores with float32 accumulation)."""
+    b = torch.backends
+    top = lambda: getattr(b, "fp32_precision", None)  # noqa: E731
     if kind == "conv":
-        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return _fp32_precision((lambda: b.cudnn.conv.fp32_precision, lambda: b.cudnn.fp32_precision, top),
+                               lambda: b.cudnn.allow_tf32)
+    return _fp32_precision((lambda: b.cuda.matmul.fp32_precision, top), lambda: b.cuda.matmul.allow_tf32)
 
 
 def np2(x: int) -> int:

@@ -27,8 +27,8 @@ The same structure as triton_masked_linear, with the im2col done in the address 
              the GEMM.
 Executed FLOPs (program 0 of each launch, on the device): 2 * N * OH * OW * (output channels) *
 (input channels) * KH * KW, with the channel counts the kernel really reduced over or produced.
-Precision: as triton_masked_linear, but float32 operands follow torch.backends.cudnn.allow_tf32
-(TF32 by default, like cuDNN).
+Precision: as triton_masked_linear, but float32 operands follow cuDNN's convolution setting
+(torch.backends.cudnn.conv.fp32_precision, legacy cudnn.allow_tf32): TF32 by default, like cuDNN.
 """
 from __future__ import annotations
 

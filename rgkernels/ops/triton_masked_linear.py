@@ -29,8 +29,9 @@ the input channels that are not identically zero.
   [forward, input_grad, weight_grad]: no host sync.
 
 Precision: operands go to tl.dot in their own dtype with float32 accumulation. float32 operands use
-input_precision "ieee" (full fp32) unless torch.backends.cuda.matmul.allow_tf32 is set, then "tf32",
-the same rule cuBLAS follows for F.linear. In the interpreter bfloat16 operands are upcast to
+input_precision "ieee" (full fp32) unless TF32 is enabled for cuBLAS matmuls
+(torch.backends.cuda.matmul.fp32_precision = "tf32", or the legacy allow_tf32), then "tf32": the rule
+cuBLAS follows for F.linear (_triton_util.dot_precision). In the interpreter bfloat16 operands are upcast to
 float32 first (the interpreter cannot multiply raw bfloat16); products of bfloat16 values are exact
 in float32, so only the accumulation order differs.
 """
