@@ -13,7 +13,9 @@ row's |W| quantile) and 25% / 50% of the rows entirely pruned (the other rows de
 (forward + input gradient + weight / threshold gradient) everywhere; "fwd_dgrad" (forward + input
 gradient, the GEMMs sparsity can shorten, §4) on a GPU. Shapes: benchmarks/shapes.py LAYER_CASES (SNGAN
 32x32, StyleGAN2 256x256, FastGAN 256x256 with their batch sizes); on CPU only the cases marked for it,
-with the threads set by RGKERNELS_BENCH_THREADS (default: torch's).
+with the threads set by RGKERNELS_BENCH_THREADS (default: torch's). float32, or RGKERNELS_BENCH_DTYPE
+(bfloat16 / float16 on a GPU: tensor-core GEMMs; float32 F.linear runs full-precision FMA on both paths
+unless TF32 is enabled, see rgkernels/ops/_triton_util.dot_precision).
 
 On a shared CPU, wall-clock times swing with the other load; for stable ratios run one thread and time
 the thread's CPU time:
@@ -43,6 +45,7 @@ SPARSITY = {"keep1.0": (1.0, 0.0), "keep0.7": (0.7, 0.0), "keep0.5": (0.5, 0.0),
 
 if os.environ.get("RGKERNELS_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["RGKERNELS_BENCH_THREADS"]))
+DTYPE = getattr(torch, os.environ.get("RGKERNELS_BENCH_DTYPE", "float32"))  # e.g. bfloat16 on a GPU
 
 
 def _cases():
@@ -118,7 +121,7 @@ def _params():
 def test_masked_layer(benchmark, case, device, phase, impl, sparsity):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    dtype = torch.float32
+    dtype = DTYPE
     layer = _layer(case, device, impl, sparsity, dtype)
     x = torch.randn(case[4], device=device, dtype=dtype, requires_grad=True)
     if phase == "fwd_dgrad":
@@ -129,7 +132,7 @@ def test_masked_layer(benchmark, case, device, phase, impl, sparsity):
         g = torch.ones_like(layer(x)).normal_()
     benchmark.extra_info.update(model=case[0], layer=case[1], device=device, phase=phase, impl=impl,
                                 sparsity=sparsity, weight=list(case[3]), input=list(case[4]),
-                                threads=torch.get_num_threads())
+                                threads=torch.get_num_threads(), dtype=str(dtype))
     backend = "reference" if impl == "eager" else None
 
     def run():
