@@ -14,16 +14,22 @@ Exit codes: 0 done, 1 error (data, metric, configuration), 2 usage / not impleme
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import re
-import signal
-import sys
-from typing import Dict, List, Optional
 
-from . import presets
-from .config import TrainConfig, parse_value, resolve_config
+# Before torch is imported: OpenMP threads that spin while waiting slow CPU training several-fold
+# as soon as anything else runs on the machine (measured: 1.2 s vs 2.8-4.6 s per iteration on a
+# busy 2-core box); passive waiting costs little on an idle one. An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from typing import Dict, List, Optional  # noqa: E402
+
+from . import presets  # noqa: E402
+from .config import TrainConfig, parse_value, resolve_config  # noqa: E402
 
 # Options that may change when a run is resumed (they do not change what is being trained).
 RESUME_OVERRIDABLE = {"kimg", "progress", "device", "threads", "tensorboard", "cache_dir", "final_fid_samples"}
