@@ -9,6 +9,7 @@ globals, both compiled and in the interpreter).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Callable, Dict, Iterable, Optional, Tuple
@@ -82,17 +83,10 @@ def require(kernels: LazyKernels, device: torch.device, op: str) -> bool:
 
 
 def device_ctx(device: torch.device):
+    """Make `device` current for a launch on CUDA; nothing to do for CPU tensors (interpreter)."""
     if device.type == "cuda":
         return torch.cuda.device(device)
-    return _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return contextlib.nullcontext()
 
 
 def _fp32_precision(getters, legacy) -> str:

@@ -71,6 +71,7 @@ import torch
 from torch import Tensor
 
 from . import reference as _ref
+from ._triton_util import device_ctx
 
 try:  # keep the module importable without Triton
     import triton
@@ -552,20 +553,6 @@ def _drop_workspace(key) -> None:
         _WORKSPACES.pop(key, None)
 
 
-def _device_ctx(device: torch.device):
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16,
             torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}[dtype]
@@ -591,7 +578,7 @@ def _fwd_impl(weight: Tensor, threshold: Tensor, guard_ratio: float) -> Tuple[Te
     ws, key = _workspace(weight.device, 1)
     grid = (triton.cdiv(c, bc),)
     try:
-        with _device_ctx(weight.device):
+        with device_ctx(weight.device):
             _k_fwd[grid](weight, threshold, out, counts, ws, c, k,
                          weight.stride(0), weight.stride(1), threshold.stride(0), kmax,
                          BLOCK_C=bc, BLOCK_K=bk, CDT=_cdt(weight.dtype), num_warps=warps)
@@ -614,7 +601,7 @@ def _bwd_impl(grad: Tensor, weight: Tensor, threshold: Tensor, grad_mode: int) -
     _require(weight.device, grouped=False)
     bc, bk, warps = _blocks([(c, k)], weight.device)
     grid = (triton.cdiv(c, bc),)
-    with _device_ctx(weight.device):
+    with device_ctx(weight.device):
         _k_bwd[grid](grad, weight, threshold, gw, gt, c, k,
                      grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
                      threshold.stride(0), MODE=int(grad_mode), BLOCK_C=bc, BLOCK_K=bk,
@@ -718,7 +705,7 @@ def _grouped_fwd_impl(weights: List[Tensor], thresholds: List[Tensor],
     meta = _metadata(rows, device)
     ws, key = _workspace(device, len(rows))
     try:
-        with _device_ctx(device):
+        with device_ctx(device):
             _k_grouped_fwd[(start,)](
                 meta, ws, len(rows), DT=_tl_dtype(dtype), LP=_np2(len(rows)),
                 UNIT_K=unit_k, ALIGNED=aligned, VEC=16 // esize, BLOCK_C=bc, BLOCK_K=bk,
@@ -782,7 +769,7 @@ def _grouped_bwd_impl(grads: List[Tensor], weights: List[Tensor], thresholds: Li
             strides += [w.stride(0), g.stride(0), k]
         aligned = unit_k and _aligned(ptrs, strides, esize)
         meta = _metadata(rows, device)
-        with _device_ctx(device):
+        with device_ctx(device):
             _k_grouped_bwd[(start,)](
                 meta, len(rows), DT=_tl_dtype(dtype), LP=_np2(len(rows)),
                 UNIT_K=unit_k, ALIGNED=aligned, VEC=16 // esize, MODE=int(grad_mode),
