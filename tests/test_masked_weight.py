@@ -389,3 +389,24 @@ def test_torch_compile_grouped(be):
     compiled(*b).backward()
     for x, y in zip(a[0] + a[1], b[0] + b[1]):
         assert torch.equal(x.grad, y.grad)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_guard_mutation_visible():
+    """Under the default (inductor) backend the op gives the eager gradients, and the collapse
+    guard's in-place reset of the threshold reaches the caller's tensor."""
+    _require("cpu", "cpu")
+    w0, _, _ = _opcheck_args("cpu")
+
+    def f(w, t):
+        return (rgkernels.masked_weight(w, t) * 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    for t_init in (rand((7,), scale=0.5), torch.full((7,), 100.0)):  # normal, then collapsing
+        w1, t1 = w0.clone().requires_grad_(), t_init.clone().requires_grad_()
+        w2, t2 = w0.clone().requires_grad_(), t_init.clone().requires_grad_()
+        f(w1, t1).backward()
+        compiled(w2, t2).backward()
+        assert torch.equal(t1.detach(), t2.detach())
+        assert torch.equal(w1.grad, w2.grad) and torch.equal(t1.grad, t2.grad)
+    assert (t2.detach() == 0).all()
