@@ -238,3 +238,37 @@ def test_cli_dense_baseline_and_ablation(tmp_path):
     assert cli.main(["sngan", "--prune", "D", "--aug-regen", "none", "--name", "abl", *common]) == 0
     rows = read_jsonl(os.path.join(out, "abl", "metrics.jsonl"))
     assert "layers_D" in rows[-1] and "layers_G" not in rows[-1] and rows[-1]["keep_ratio_G"] == 1.0
+
+
+def test_sigint_writes_checkpoint_and_run_resumes(tmp_path):
+    """Ctrl-C in a real process: the iteration finishes, the checkpoint is written, exit code 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rd = tmp_path / "runs" / "sig"
+    env = dict(os.environ, RGGAN_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "rggan_fast.train", "sngan", "--preset", "test",
+                             "--metric", "proxy", "--kimg", "10", "--outdir", str(tmp_path / "runs"), "--name", "sig",
+                             "--set", "tensorboard=false"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(read_jsonl(str(rd / "stats.jsonl"))) < 2:
+            time.sleep(0.2)
+        assert len(read_jsonl(str(rd / "stats.jsonl"))) >= 2, proc.stderr.read() if proc.poll() is not None else ""
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    step = len(read_jsonl(str(rd / "stats.jsonl")))
+    state = torch.load(str(rd / "checkpoint.pt"), weights_only=False)
+    assert state["counters"]["step"] == step  # nothing trained after the checkpoint was lost
+    kimg = (state["counters"]["real_images"] + 16) / 1000
+    assert cli.main(["sngan", "--resume", str(rd), "--kimg", str(kimg)]) == 0
+    assert [r["step"] for r in read_jsonl(str(rd / "stats.jsonl"))] == list(range(1, step + 2))
