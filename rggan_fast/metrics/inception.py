@@ -112,8 +112,14 @@ def _load_cleanfid(path: str, device: torch.device) -> FeatureExtractor:
                             is_inception=True)
 
 
+_LOADED = {}  # (path, device) -> TorchScript module: one load per process (87 MB, seconds on a CPU)
+
+
 def _load_offline(path: str, device: torch.device) -> FeatureExtractor:
-    net = torch.jit.load(path, map_location=device).eval()
+    key = (os.path.abspath(path), str(device), os.path.getmtime(path))
+    if key not in _LOADED:
+        _LOADED[key] = torch.jit.load(path, map_location=device).eval()
+    net = _LOADED[key]
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         # clean-fid's InceptionV3W normalisation for its resize-free network
