@@ -26,14 +26,16 @@ __all__ = [
 
 # ---- masked layers, conversion, FLOP accounting (below this line) ----------------------------
 from .layers import MaskedConv2d, MaskedConvTranspose2d, MaskedLayer, MaskedLinear
-from .convert import keep_ratio, layer_stats, masked_layers, set_sparse, sparsify, threshold_regularizer
+from .convert import (keep_ratio, layer_stats, load_stats_state, masked_layers, set_sparse, sparsify, stats_state,
+                      threshold_regularizer)
 from .grouped import grouped_masks
 from .optim import protect_pruned
 from .flops import FlopCounts, FlopReport, LayerFlops, count_flops
 
 __all__ += [
     "MaskedLayer", "MaskedLinear", "MaskedConv2d", "MaskedConvTranspose2d",
-    "sparsify", "set_sparse", "keep_ratio", "masked_layers", "layer_stats", "threshold_regularizer",
+    "sparsify", "set_sparse", "keep_ratio", "masked_layers", "layer_stats", "stats_state", "load_stats_state",
+    "threshold_regularizer",
     "grouped_masks", "protect_pruned",
     "count_flops", "FlopReport", "FlopCounts", "LayerFlops",
 ]

@@ -123,6 +123,19 @@ def layer_stats(module: nn.Module) -> Dict[str, Dict[str, float]]:
     return out
 
 
+def stats_state(module: nn.Module) -> Dict[str, Tensor]:
+    """The masks layer_stats compares against at its next call (name -> bool mask), so that a
+    checkpoint can carry them and regeneration counts continue across a resume."""
+    return {name: m._stats_mask for name, m in masked_layers(module) if m._stats_mask is not None}
+
+
+def load_stats_state(module: nn.Module, state: Dict[str, Tensor]) -> None:
+    """Restore what stats_state returned (layers missing from `state` start afresh)."""
+    for name, m in masked_layers(module):
+        mask = state.get(name)
+        m._stats_mask = None if mask is None else mask.to(device=m._stored_weight().device, dtype=torch.bool)
+
+
 def threshold_regularizer(module: nn.Module, lam: float) -> Tensor:
     """lam * sum_i exp(-t_i) over the thresholds of the masked layers in sparse mode (§1); a zero
     tensor when none is sparse. Its gradient on t_i is -lam * exp(-t_i)."""

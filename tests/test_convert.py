@@ -205,6 +205,28 @@ def test_layer_stats_counts_regenerations():
     assert rgkernels.layer_stats(lin)[""]["regenerations"] == 40 - 19
 
 
+def test_layer_stats_state_carries_regenerations_across_a_copy():
+    """stats_state / load_stats_state: a resumed run counts regenerations as the original would."""
+    lin = _linear_with_known_weights()
+    x = torch.randn(2, 10)
+    with torch.no_grad():
+        lin.threshold.fill_(0.6)
+    lin(x)
+    rgkernels.layer_stats(lin)
+    saved = {k: v.clone() for k, v in rgkernels.stats_state(lin).items()}
+    resumed = copy.deepcopy(lin)
+    rgkernels.load_stats_state(resumed, saved)
+    for m in (lin, resumed):
+        with torch.no_grad():
+            m.threshold.copy_(torch.tensor([0.2, 0.6, 0.9, 0.4]))
+        m(x)
+    assert rgkernels.layer_stats(resumed)[""]["regenerations"] == 6
+    assert rgkernels.layer_stats(lin)[""]["regenerations"] == 6
+    fresh = copy.deepcopy(resumed)
+    rgkernels.load_stats_state(fresh, {})  # nothing saved: starts afresh
+    assert rgkernels.layer_stats(fresh)[""]["regenerations"] == 0
+
+
 def test_stats_sync_host_once(monkeypatch):
     model = rgkernels.sparsify(_model())
     model(torch.randn(1, 3, 4, 4))

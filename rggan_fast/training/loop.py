@@ -265,6 +265,8 @@ class TrainingRun:
         return self.counters["time_s"] + (time.time() - self._t_start)
 
     def save_checkpoint(self) -> str:
+        import rgkernels
+
         counters = dict(self.counters, time_s=self._elapsed())
         state = {
             "G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
@@ -272,10 +274,14 @@ class TrainingRun:
             "controller": self.controller.state_dict(), "stream": self.stream.state_dict(),
             "flops": self.flops.state_dict(), "counters": counters, "next": dict(self._next),
             "last_scores": self.last_scores, "rng": checkpoint.rng_state(), "config": self.cfg.to_dict(),
+            # layer_stats' previous masks: regeneration counts continue across a resume
+            "stats_masks": {n: rgkernels.stats_state(net) for n, net in self.nets.items()},
         }
         return checkpoint.save(self.run_dir, state)
 
     def _load(self) -> None:
+        import rgkernels
+
         s = checkpoint.load(self.run_dir, map_location="cpu")  # load_state_dict moves tensors
         self.G.load_state_dict(s["G"])
         self.D.load_state_dict(s["D"])
@@ -286,6 +292,8 @@ class TrainingRun:
         self.controller.apply({"G": [self.G, self.G_ema], "D": self.D}, self.pruned, self.ar_nets)
         self.stream.load_state_dict(s["stream"])
         self.flops.load_state_dict(s["flops"])
+        for n, masks in s.get("stats_masks", {}).items():
+            rgkernels.load_stats_state(self.nets[n], masks)
         self.counters.update(s["counters"])
         self._resume_next = s["next"]
         self.last_scores = s.get("last_scores", {})
