@@ -126,6 +126,9 @@ def test_resume_is_exact(tmp_path):
     mb = read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))
     assert [r["proxy_fid"] for r in ma] == [r["proxy_fid"] for r in mb]
     assert [r["flops_active"] for r in ma] == [r["flops_active"] for r in mb]
+    layer_keys = [k for k in ma[0] if k.startswith("layers_")]
+    assert layer_keys  # per-layer keep ratios and regeneration counts, equal after the resume too
+    assert [[r[k] for k in layer_keys] for r in ma] == [[r[k] for k in layer_keys] for r in mb]
     for k, v in a.G_ema.state_dict().items():
         assert torch.equal(v, c.G_ema.state_dict()[k]), k
 
