@@ -18,6 +18,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <limits>
+#include <string>
+
 #include "rgkernels/masked_weight.h"
 
 #ifdef _OPENMP
@@ -57,6 +60,52 @@ void check_bwd_inputs(const at::Tensor& grad, const at::Tensor& weight, const at
               " but weight is on ", weight.device());
   TORCH_CHECK(grad_mode == kGradModeDst || grad_mode == kGradModeMasked, op,
               ": grad_mode must be 0 (dst) or 1 (masked), got ", grad_mode);
+}
+
+void check_dtype(const at::Tensor& weight, const char* op) {
+  const auto st = weight.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
+              ": weight dtype ", st, " is not supported (float32, float64, float16, bfloat16)");
+}
+
+void check_cols(const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(weight.size(1) <= std::numeric_limits<int32_t>::max(), op, ": rows of ",
+              weight.size(1), " entries do not fit the int32 keep counts");
+}
+
+std::string layer_op(const char* op, size_t i) {
+  return std::string(op) + " (layer " + std::to_string(i) + ")";
+}
+
+GroupedSize check_grouped_fwd_inputs(at::TensorList weights, at::TensorList thresholds,
+                                     const char* op, const LayerCheck& device_check) {
+  TORCH_CHECK(weights.size() == thresholds.size(), op, ": got ", weights.size(), " weights but ",
+              thresholds.size(), " thresholds");
+  TORCH_CHECK(!weights.empty(), op, ": needs at least one layer");
+  GroupedSize size;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const std::string name = layer_op(op, i);
+    check_fwd_inputs(weights[i], thresholds[i], name.c_str());
+    device_check(weights[i], name.c_str());
+    TORCH_CHECK(weights[i].scalar_type() == weights[0].scalar_type(), name,
+                ": all weights of a grouped call must share one dtype, got ",
+                weights[i].scalar_type(), " and ", weights[0].scalar_type(), " (layer 0)");
+    size.numel += weights[i].numel();
+    size.rows += weights[i].size(0);
+  }
+  return size;
+}
+
+void check_grouped_bwd_inputs(at::TensorList grads, at::TensorList weights, at::TensorList thresholds,
+                              int64_t grad_mode, const char* op, const LayerCheck& device_check) {
+  TORCH_CHECK(grads.size() == weights.size() && weights.size() == thresholds.size(), op, ": got ",
+              grads.size(), " grads, ", weights.size(), " weights and ", thresholds.size(),
+              " thresholds");
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const std::string name = layer_op(op, i);
+    check_bwd_inputs(grads[i], weights[i], thresholds[i], grad_mode, name.c_str());
+    device_check(weights[i], name.c_str());
+  }
 }
 
 }  // namespace rgkernels

@@ -280,24 +280,9 @@ void bwd_rows_any(const BwdLayer& L, int64_t r0, int64_t r1, bool dst, void* scr
 
 // ---- checks ---------------------------------------------------------------------------------
 
-void check_dtype(const at::Tensor& weight, const char* op) {
-  const auto st = weight.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
-              ": weight dtype ", st, " is not supported (float32, float64, float16, bfloat16)");
-}
-
-void check_cols(const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(weight.size(1) <= std::numeric_limits<int32_t>::max(), op, ": rows of ",
-              weight.size(1), " entries do not fit the int32 keep counts");
-}
-
 void check_cpu(const at::Tensor& t, const char* what, const char* op) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor for the CPU kernel, got ",
               t.device());
-}
-
-std::string layer_op(const char* op, size_t i) {
-  return std::string(op) + " (layer " + std::to_string(i) + ")";
 }
 
 // ---- forward --------------------------------------------------------------------------------
@@ -364,26 +349,15 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_fwd_cpu(const at::Tensor& weigh
 std::tuple<at::Tensor, at::Tensor> masked_weight_grouped_fwd_cpu(at::TensorList weights,
                                                                  at::TensorList thresholds,
                                                                  double guard_ratio) {
-  const char* op = "masked_weight_grouped_fwd";
-  TORCH_CHECK(weights.size() == thresholds.size(), op, ": got ", weights.size(), " weights but ",
-              thresholds.size(), " thresholds");
-  TORCH_CHECK(!weights.empty(), op, ": needs at least one layer");
+  const GroupedSize size = check_grouped_fwd_inputs(
+      weights, thresholds, "masked_weight_grouped_fwd", [](const at::Tensor& w, const char* name) {
+        check_cpu(w, "weight", name);
+        check_dtype(w, name);
+        check_cols(w, name);
+      });
   const size_t n = weights.size();
-  int64_t numel = 0, rows = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const std::string name = layer_op(op, i);
-    check_fwd_inputs(weights[i], thresholds[i], name.c_str());
-    check_cpu(weights[i], "weight", name.c_str());
-    check_dtype(weights[i], name.c_str());
-    check_cols(weights[i], name.c_str());
-    TORCH_CHECK(weights[i].scalar_type() == weights[0].scalar_type(), name,
-                ": all weights of a grouped call must share one dtype, got ",
-                weights[i].scalar_type(), " and ", weights[0].scalar_type(), " (layer 0)");
-    numel += weights[i].numel();
-    rows += weights[i].size(0);
-  }
-  at::Tensor out = at::empty({numel}, weights[0].options());
-  at::Tensor counts = at::empty({rows}, weights[0].options().dtype(at::kInt));
+  at::Tensor out = at::empty({size.numel}, weights[0].options());
+  at::Tensor counts = at::empty({size.rows}, weights[0].options().dtype(at::kInt));
   const int64_t esize = static_cast<int64_t>(out.element_size());
   char* out_base = static_cast<char*>(out.data_ptr());
   int32_t* counts_base = counts.data_ptr<int32_t>();
@@ -451,19 +425,16 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_bwd_cpu(const at::Tensor& grad,
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> masked_weight_grouped_bwd_cpu(
     at::TensorList grads, at::TensorList weights, at::TensorList thresholds, int64_t grad_mode) {
-  const char* op = "masked_weight_grouped_bwd";
-  TORCH_CHECK(grads.size() == weights.size() && weights.size() == thresholds.size(), op, ": got ",
-              grads.size(), " grads, ", weights.size(), " weights and ", thresholds.size(),
-              " thresholds");
+  check_grouped_bwd_inputs(grads, weights, thresholds, grad_mode, "masked_weight_grouped_bwd",
+                           [](const at::Tensor& w, const char* name) {
+                             check_cpu(w, "weight", name);
+                             check_dtype(w, name);
+                           });
   const size_t n = weights.size();
   std::vector<at::Tensor> gws(n), gts(n);
   std::vector<BwdLayer> layers;
   layers.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    const std::string name = layer_op(op, i);
-    check_bwd_inputs(grads[i], weights[i], thresholds[i], grad_mode, name.c_str());
-    check_cpu(weights[i], "weight", name.c_str());
-    check_dtype(weights[i], name.c_str());
     layers.push_back(make_bwd_layer(grads[i], weights[i], thresholds[i], gws[i], gts[i]));
   }
   bwd_layers(layers, grad_mode);

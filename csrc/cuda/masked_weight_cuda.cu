@@ -400,15 +400,8 @@ void check_cuda_weight(const at::Tensor& weight, const at::Device& device, const
               weight.device());
   TORCH_CHECK(weight.device() == device, op, ": weight is on ", weight.device(),
               " but the first layer is on ", device);
-  const auto st = weight.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
-              ": weight dtype ", st, " is not supported (float32, float64, float16, bfloat16)");
-  TORCH_CHECK(weight.size(1) <= std::numeric_limits<int32_t>::max(), op, ": rows of ",
-              weight.size(1), " entries do not fit the int32 keep counts");
-}
-
-std::string layer_op(const char* op, size_t i) {
-  return std::string(op) + " (layer " + std::to_string(i) + ")";
+  check_dtype(weight, op);
+  check_cols(weight, op);
 }
 
 template <typename scalar_t>
@@ -455,27 +448,16 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_fwd_cuda(const at::Tensor& weig
 std::tuple<at::Tensor, at::Tensor> masked_weight_grouped_fwd_cuda(at::TensorList weights,
                                                                   at::TensorList thresholds,
                                                                   double guard_ratio) {
-  const char* op = "masked_weight_grouped_fwd";
-  TORCH_CHECK(weights.size() == thresholds.size(), op, ": got ", weights.size(), " weights but ",
-              thresholds.size(), " thresholds");
-  TORCH_CHECK(!weights.empty(), op, ": needs at least one layer");
-  const at::Device device = weights[0].device();
+  // (an empty list is rejected by the check below; the device is only read for a non-empty one)
+  const at::Device device = weights.empty() ? at::Device(at::kCUDA) : weights[0].device();
+  const GroupedSize size = check_grouped_fwd_inputs(
+      weights, thresholds, "masked_weight_grouped_fwd",
+      [&](const at::Tensor& w, const char* name) { check_cuda_weight(w, device, name); });
   const size_t n = weights.size();
-  int64_t numel = 0, rows = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const std::string name = layer_op(op, i);
-    check_fwd_inputs(weights[i], thresholds[i], name.c_str());
-    check_cuda_weight(weights[i], device, name.c_str());
-    TORCH_CHECK(weights[i].scalar_type() == weights[0].scalar_type(), name,
-                ": all weights of a grouped call must share one dtype, got ",
-                weights[i].scalar_type(), " and ", weights[0].scalar_type(), " (layer 0)");
-    numel += weights[i].numel();
-    rows += weights[i].size(0);
-  }
   const c10::cuda::CUDAGuard guard(device);
-  at::Tensor out = at::empty({numel}, weights[0].options());
-  at::Tensor counts = at::empty({rows}, weights[0].options().dtype(at::kInt));
-  if (rows == 0) return {out, counts};
+  at::Tensor out = at::empty({size.numel}, weights[0].options());
+  at::Tensor counts = at::empty({size.rows}, weights[0].options().dtype(at::kInt));
+  if (size.rows == 0) return {out, counts};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "masked_weight_cuda", [&] {
     std::vector<FwdLayer<scalar_t>> layers;
@@ -542,19 +524,13 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_bwd_cuda(const at::Tensor& grad
 // Layers may differ in dtype: one launch per dtype present (usually one).
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> masked_weight_grouped_bwd_cuda(
     at::TensorList grads, at::TensorList weights, at::TensorList thresholds, int64_t grad_mode) {
-  const char* op = "masked_weight_grouped_bwd";
-  TORCH_CHECK(grads.size() == weights.size() && weights.size() == thresholds.size(), op, ": got ",
-              grads.size(), " grads, ", weights.size(), " weights and ", thresholds.size(),
-              " thresholds");
   const size_t n = weights.size();
   std::vector<at::Tensor> gws(n), gts(n);
   if (n == 0) return {gws, gts};
   const at::Device device = weights[0].device();
-  for (size_t i = 0; i < n; ++i) {
-    const std::string name = layer_op(op, i);
-    check_bwd_inputs(grads[i], weights[i], thresholds[i], grad_mode, name.c_str());
-    check_cuda_weight(weights[i], device, name.c_str());
-  }
+  check_grouped_bwd_inputs(
+      grads, weights, thresholds, grad_mode, "masked_weight_grouped_bwd",
+      [&](const at::Tensor& w, const char* name) { check_cuda_weight(w, device, name); });
   const c10::cuda::CUDAGuard guard(device);
   for (size_t i = 0; i < n; ++i) {
     gws[i] = at::empty({weights[i].size(0), weights[i].size(1)}, weights[i].options());

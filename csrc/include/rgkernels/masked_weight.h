@@ -13,6 +13,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <functional>
+#include <string>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -65,5 +67,25 @@ RGK_HOST_DEVICE bool collapsed(long long kept, long long numel, double guard_rat
 void check_fwd_inputs(const at::Tensor& weight, const at::Tensor& threshold, const char* op);
 void check_bwd_inputs(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& threshold,
                       int64_t grad_mode, const char* op);
+// The weight dtypes the compiled kernels take (float32, float64, float16, bfloat16).
+void check_dtype(const at::Tensor& weight, const char* op);
+// Rows must fit the int32 keep counts.
+void check_cols(const at::Tensor& weight, const char* op);
+// "op (layer i)": names the layer of a grouped call in error messages.
+std::string layer_op(const char* op, size_t i);
+
+// The checks of a backend's own (device) that come on top of the shared ones, per layer.
+using LayerCheck = std::function<void(const at::Tensor& weight, const char* op)>;
+struct GroupedSize {
+  int64_t numel = 0;  // sum of the layers' numel: the flat output buffer
+  int64_t rows = 0;   // sum of the layers' rows: the flat counts buffer
+};
+// Grouped forward: equal list lengths, at least one layer, every layer valid (shared checks plus
+// `device_check`), one dtype for all. Returns the sizes of the flat outputs.
+GroupedSize check_grouped_fwd_inputs(at::TensorList weights, at::TensorList thresholds,
+                                     const char* op, const LayerCheck& device_check);
+// Grouped backward: equal list lengths, every layer valid (shared checks plus `device_check`).
+void check_grouped_bwd_inputs(at::TensorList grads, at::TensorList weights, at::TensorList thresholds,
+                              int64_t grad_mode, const char* op, const LayerCheck& device_check);
 
 }  // namespace rgkernels
