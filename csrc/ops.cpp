@@ -22,6 +22,7 @@
 #include <string>
 
 #include "rgkernels/masked_weight.h"
+#include "cpu/masked_weight_rows.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -115,6 +116,11 @@ TORCH_LIBRARY(rgkernels, m) {
   m.def("masked_weight_bwd(Tensor grad, Tensor weight, Tensor threshold, int grad_mode) -> (Tensor, Tensor)");
   m.def("masked_weight_grouped_fwd(Tensor[] weights, Tensor(a!)[] thresholds, float guard_ratio) -> (Tensor, Tensor)");
   m.def("masked_weight_grouped_bwd(Tensor[] grads, Tensor[] weights, Tensor[] thresholds, int grad_mode) -> (Tensor[], Tensor[])");
+  // Backward of y = x W_hat^T + b with the masked-weight backward fused into the weight-gradient
+  // GEMM (CPU only: csrc/cpu/masked_linear_cpu.cpp). grad_input / grad_bias are empty when not
+  // asked for.
+  m.def("masked_linear_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor w_hat, Tensor threshold, "
+        "int grad_mode, bool input_grad, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef RGKERNELS_NO_PYTHON
@@ -143,11 +149,19 @@ static pybind11::dict build_info() {
   d["compiler"] = std::string("unknown");
 #endif
   d["torch_version"] = std::string(TORCH_VERSION);
+  d["cpu_isa"] = rgkernels::cpu::active_isa();
+  d["cpu_isas"] = rgkernels::cpu::supported_isas();
   return d;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rgkernels compiled kernels; the ops are registered under torch.ops.rgkernels";
   m.def("build_info", &build_info, "what this build of the extension contains");
+  m.def("cpu_isa", &rgkernels::cpu::active_isa,
+        "instruction set of the CPU row kernels in use (avx512, avx2 or baseline)");
+  m.def("cpu_isas", &rgkernels::cpu::supported_isas, "instruction sets this CPU can run, best first");
+  m.def("set_cpu_isa", &rgkernels::cpu::set_isa, pybind11::arg("name"),
+        "switches the CPU row kernels to another instruction set (tests, benchmarks); returns the "
+        "one in use");
 }
 #endif  // RGKERNELS_NO_PYTHON

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .ops.masked_weight import DEFAULT_GUARD_RATIO, masked_weight
+from .ops import cpu_masked_linear
+from .ops.masked_weight import DEFAULT_GUARD_RATIO, _grad_mode_id, masked_weight
 
 # Per-forward caches: dropped on device/dtype moves and on pickling/deepcopy, rebuilt by the next forward.
 _PER_FORWARD = ("last_counts", "_last_masked", "_mask_cache", "_pre_masked", "_last_bits", "_last_rows_shape",
@@ -162,9 +163,12 @@ class MaskedLayer:
         return self._from_rows(w_hat)
 
     def _record(self, w_hat_rows: Tensor, counts: Tensor) -> None:
-        self._last_masked = w_hat_rows.detach()
-        self.last_counts = counts
-        self._mask_cache = self._last_bits = None
+        # Straight into __dict__: nn.Module.__setattr__ costs microseconds per attribute, and this
+        # runs in every forward (none of these names is a parameter, buffer or submodule).
+        d = self.__dict__
+        d["_last_masked"] = w_hat_rows.detach()
+        d["last_counts"] = counts
+        d["_mask_cache"] = d["_last_bits"] = None
 
     def _record_fused(self, counts: Tensor, bits: Tensor, rows_shape) -> None:
         """What a fused forward leaves instead of the masked weight: counts and the bit-packed mask."""
@@ -179,8 +183,36 @@ class MaskedLayer:
 
             return sparse_exec.forward(self, input, **kw)
         if self._exec_record is not None:
-            self._exec_record = None
-        return self._functional(input, self._masked_weight(), **kw)
+            self.__dict__["_exec_record"] = None
+        return self._masked_weight_forward(input, **kw)
+
+    def _masked_weight_forward(self, input: Tensor, weight: Optional[Tensor] = None, **kw) -> Tensor:
+        """The "masked_weight" path: the layer's function on W * M. Where the layer is a GEMM on the
+        CPU (a linear layer, or a conv that `_linear_input` lowers to one) and the compiled kernels
+        are there, it runs as one fused node (rgkernels/ops/cpu_masked_linear.py): same forward, the
+        masked-weight backward fused into the weight-gradient GEMM."""
+        if weight is None:
+            weight = self.weight
+        if self._pre_masked is None and input.device.type == "cpu":
+            x2 = self._linear_input(input)
+            if x2 is not None and cpu_masked_linear.applies(x2, weight, self.threshold, self.bias):
+                self._hook_stored_weight()
+                flat = weight.dim() != 2  # a conv's [C_out, C_in, kh, kw] weight as [C_out, K] rows
+                guard = self.guard_ratio
+                y, w_hat, counts = cpu_masked_linear.masked_linear_cpu(
+                    x2, weight.reshape(weight.shape[0], -1) if flat else weight, self.threshold, self.bias,
+                    _grad_mode_id(self.grad_mode), -1.0 if guard is None else float(guard))
+                self._record(w_hat.view(weight.shape) if flat else w_hat, counts)
+                return self._linear_output(y, input)
+        return self._functional(input, self._masked_weight(weight), **kw)
+
+    def _linear_input(self, input: Tensor) -> Optional[Tensor]:
+        """`input` as the [..., K] input of an equivalent linear layer on the [C_out, K] weight rows,
+        or None when the layer is not one."""
+        return None
+
+    def _linear_output(self, y: Tensor, input: Tensor) -> Tensor:
+        return y
 
     def _mask_rows(self) -> Optional[Tensor]:
         """Bool [C_out, K] mask of the last sparse forward, or None (dense mode / no forward yet).
@@ -251,6 +283,9 @@ class MaskedLinear(MaskedLayer, nn.Linear):
     def _functional(self, input: Tensor, weight: Tensor) -> Tensor:
         return F.linear(input, weight, self.bias)
 
+    def _linear_input(self, input: Tensor) -> Optional[Tensor]:
+        return input
+
 
 class MaskedConv2d(MaskedLayer, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -266,6 +301,18 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
 
     def _functional(self, input: Tensor, weight: Tensor) -> Tensor:
         return self._conv_forward(input, weight, self.bias)
+
+    def _linear_input(self, input: Tensor) -> Optional[Tensor]:
+        """A conv whose kernel covers its whole unpadded input (one output position, e.g. FastGAN's
+        4x4 conv on a 4x4 map) is a linear layer on the flattened input."""
+        if self.groups != 1 or input.dim() != 4 or tuple(self.dilation) != (1, 1):
+            return None
+        if self.padding not in ("valid", (0, 0)) or tuple(input.shape[2:]) != tuple(self.kernel_size):
+            return None
+        return input.reshape(input.shape[0], -1)
+
+    def _linear_output(self, y: Tensor, input: Tensor) -> Tensor:
+        return y.view(y.shape[0], y.shape[1], 1, 1)
 
 
 class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):

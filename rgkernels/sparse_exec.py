@@ -59,11 +59,18 @@ EXECUTION_MODES = ("auto", "masked_weight", "fused")
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_env_execution: Tuple[Optional[str], str] = (None, "masked_weight")  # (raw value, parsed): read per forward
+
+
 def default_execution() -> str:
-    mode = os.environ.get("RGKERNELS_EXECUTION", "").strip() or "masked_weight"
-    if mode not in EXECUTION_MODES:
-        raise ValueError(f"RGKERNELS_EXECUTION={mode!r}: choose one of {EXECUTION_MODES}")
-    return mode
+    raw = os.environ.get("RGKERNELS_EXECUTION")
+    global _env_execution
+    if raw != _env_execution[0]:
+        mode = (raw or "").strip() or "masked_weight"
+        if mode not in EXECUTION_MODES:
+            raise ValueError(f"RGKERNELS_EXECUTION={mode!r}: choose one of {EXECUTION_MODES}")
+        _env_execution = (raw, mode)
+    return _env_execution[1]
 
 
 def check_mode(mode: str) -> str:
@@ -528,7 +535,7 @@ def forward(layer, x: Tensor, **kw) -> Tensor:
         layer._exec_record = None
     weight = layer.weight
     if layer._pre_masked is not None or resolve(layer, x, weight) != "fused":
-        return layer._functional(x, layer._masked_weight(weight), **kw)
+        return layer._masked_weight_forward(x, weight, **kw)
     kind = _kind(layer)
     layer._hook_stored_weight()
     in_fwd = in_dgrad = None

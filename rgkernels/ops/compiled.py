@@ -12,5 +12,6 @@ for _name, _fake in (
     ("masked_weight_bwd", reference.fake_bwd),
     ("masked_weight_grouped_fwd", reference.fake_grouped_fwd),
     ("masked_weight_grouped_bwd", reference.fake_grouped_bwd),
+    ("masked_linear_bwd", reference.fake_linear_bwd),
 ):
     torch.library.register_fake(f"rgkernels::{_name}")(_fake)

@@ -133,6 +133,13 @@ def fake_grouped_bwd(grads: Sequence[Tensor], weights: Sequence[Tensor], thresho
     return [o for o, _ in outs], [c for _, c in outs]
 
 
+def fake_linear_bwd(grad_out: Tensor, input: Tensor, weight: Tensor, w_hat: Tensor, threshold: Tensor,
+                    grad_mode: int, input_grad: bool, bias_grad: bool):
+    """Shapes of the compiled CPU masked_linear_bwd (rgkernels/ops/cpu_masked_linear.py)."""
+    return (input.new_empty(input.shape if input_grad else (0,)), weight.new_empty(weight.shape),
+            threshold.new_empty(threshold.shape), grad_out.new_empty((grad_out.shape[1],) if bias_grad else (0,)))
+
+
 ref_masked_weight_fwd.register_fake(fake_fwd)
 ref_masked_weight_bwd.register_fake(fake_bwd)
 ref_masked_weight_grouped_fwd.register_fake(fake_grouped_fwd)

@@ -1,0 +1,108 @@
+"""Masked linear on the CPU in one autograd node: `masked_linear_cpu(x, W, t, b)` = F.linear(x, W * M, b).
+
+Forward: the compiled masked-weight forward (mask, W_hat, keep counts, collapse guard) and the BLAS
+GEMM, exactly as `F.linear(x, masked_weight(W, t), b)` computes them. Backward: the input gradient
+with W_hat, and the weight-gradient GEMM run in blocks of output rows with the masked-weight backward
+(threshold gradient, masked weight gradient, DESIGN.md §2) applied to each block while it is in cache
+(csrc/cpu/masked_linear_cpu.cpp). Against the composition of two autograd nodes this saves the
+weight-sized round trip of dL/dW_hat through memory and one node's Python overhead, which on layers
+with little work per weight (linear layers at GAN batch sizes) is the whole cost of sparse mode.
+
+Reference: the composition itself (`masked_weight` on the reference backend, then F.linear), which
+the masked layers run wherever this path does not apply (`applies` says when it does).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def applies(x: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether `masked_linear_cpu` can run this call: CPU tensors of one supported dtype, a float32
+    threshold, the compiled CPU backend chosen (not overridden), no CPU autocast."""
+    dt = weight.dtype
+    if x.dtype != dt or dt not in _DTYPES or threshold.dtype != torch.float32 or weight.device.type != "cpu":
+        return False
+    if bias is not None and bias.dtype != dt:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    return _backend.choose("cpu", None) == "cpu"
+
+
+class _MaskedLinearCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, threshold, bias, grad_mode_id, guard_ratio):
+        ops = torch.ops.rgkernels
+        w_hat, counts = ops.masked_weight_fwd(weight, threshold, guard_ratio)  # may reset t (guard)
+        flat = x.dim() != 2  # F.linear's leading dims, flattened for the GEMMs
+        x2 = x.reshape(-1, x.shape[-1]) if flat else x
+        y = torch.addmm(bias, x2, w_hat.t()) if bias is not None else torch.mm(x2, w_hat.t())
+        ctx.save_for_backward(x, weight, w_hat)  # x, not x2: an input stays differentiable (create_graph)
+        ctx.threshold = threshold  # not saved_tensors: see masked_weight._MaskedWeightFn.forward
+        ctx.grad_mode_id = grad_mode_id
+        ctx.x_shape = x.shape if flat else None
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(w_hat, counts)
+        if flat:
+            y = y.view(*x.shape[:-1], weight.shape[0])
+        return y, w_hat, counts
+
+    @staticmethod
+    def backward(ctx, dy, _dw_hat, _dcounts):
+        x, weight, w_hat = ctx.saved_tensors
+        need_x, need_w, need_t, need_b = ctx.needs_input_grad[:4]
+        flat = ctx.x_shape is not None
+        x2 = x.reshape(-1, x.shape[-1]) if flat else x
+        dy2 = dy.reshape(-1, dy.shape[-1]) if flat else dy
+        if torch.is_grad_enabled():  # create_graph=True (R1 & co. differentiate the input gradient)
+            gx, gw, gt = _differentiable_backward(ctx, x, weight, dy)
+            gb = dy2.sum(0) if need_b and ctx.has_bias else None
+            return gx, gw, gt, gb, None, None
+        elif need_w or need_t:
+            gx, gw, gt, gb = torch.ops.rgkernels.masked_linear_bwd(
+                dy2, x2, weight, w_hat, ctx.threshold, ctx.grad_mode_id, need_x, need_b and ctx.has_bias)
+        else:  # only the input (and bias) gradient: no weight-gradient GEMM at all
+            gx = dy2.mm(w_hat) if need_x else None
+            gb = dy2.sum(0) if need_b and ctx.has_bias else None
+            gw = gt = None
+        if not need_x:
+            gx = None
+        elif ctx.x_shape is not None:
+            gx = gx.view(ctx.x_shape)
+        return (gx, gw if need_w else None, gt if need_t else None, gb if need_b and ctx.has_bias else None,
+                None, None)
+
+
+def _differentiable_backward(ctx, x, weight, dy):
+    """(dx, dW, dt) as a graph: the reference composition recomputed with the threshold the forward used
+    (its collapse guard already ran, so it is off here) and differentiated by autograd. Costs one extra
+    forward; only backward passes with create_graph=True take it."""
+    from .masked_weight import masked_weight
+
+    grad_mode = {0: "dst", 1: "masked"}[ctx.grad_mode_id]
+    y = torch.nn.functional.linear(x, masked_weight(weight, ctx.threshold, grad_mode, guard_ratio=None))
+    inputs = (x, weight, ctx.threshold)
+    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+    out = [None, None, None]
+    if wanted:
+        grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, grads):
+            out[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return tuple(out)
+
+
+def masked_linear_cpu(x: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor],
+                      grad_mode_id: int, guard_ratio: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y, W_hat, keep counts) of F.linear(x, W * M, b), with the gradients of DESIGN.md §2.
+
+    `weight` is [out, in] (any strides), `threshold` float32 [out] (reset in place by the collapse
+    guard, `guard_ratio` < 0 disables it), `grad_mode_id` 0 = "dst", 1 = "masked". Check `applies`
+    first; W_hat and the counts are for the layer's statistics (not differentiable)."""
+    return _MaskedLinearCPU.apply(x, weight, threshold, bias, grad_mode_id, guard_ratio)

@@ -1,0 +1,333 @@
+"""The fused CPU masked linear (rgkernels/ops/cpu_masked_linear.py, csrc/cpu/masked_linear_cpu.cpp) and
+the instruction-set variants of the CPU row kernels (csrc/cpu/masked_weight_rows.cpp).
+
+References: DESIGN.md §2 evaluated in float64 (test_masked_weight.ref64) with the GEMMs in float64,
+and the reference composition F.linear(x, masked_weight(W, t, backend="reference"), b)."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rgkernels
+from rgkernels import _backend
+from rgkernels.ops import cpu_masked_linear
+
+from test_masked_weight import ref64, rel_err
+
+pytestmark = pytest.mark.skipif(_backend.extension() is None, reason="compiled extension unavailable")
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def thresholds(w, keep=0.5):
+    return w.detach().float().abs().reshape(w.shape[0], -1).quantile(1 - keep, dim=1).contiguous()
+
+
+def linear_ref64(x, w, t, b, dy, mode="dst", guard=0.01):
+    """y, dx, dW, dt, db of F.linear(x, W * M, b) in float64 (§2 for the masked weight)."""
+    k = w.shape[1]
+    x2, dy2 = x.reshape(-1, k).double(), dy.reshape(-1, w.shape[0]).double()
+    g = dy2.t() @ x2  # dL/dW_hat
+    w_hat, counts, t_after, gw, gt = ref64(w, t, g, mode, guard)
+    y = x2 @ w_hat.t() + (b.double() if b is not None else 0)
+    dx = dy2 @ w_hat
+    db = dy2.sum(0) if b is not None else None
+    return y.reshape(*x.shape[:-1], w.shape[0]), dx.reshape(x.shape), gw, gt, db, counts, t_after
+
+
+def run_fused(x, w, t, b, dy, mode="dst", guard=0.01):
+    x, w, t = x.clone().requires_grad_(), w.clone().requires_grad_(), t.clone().requires_grad_()
+    b = b.clone().requires_grad_() if b is not None else None
+    mode_id = {"dst": 0, "masked": 1}[mode]
+    y, w_hat, counts = cpu_masked_linear.masked_linear_cpu(x, w, t, b, mode_id, -1.0 if guard is None else guard)
+    y.backward(dy)
+    return y.detach(), x.grad, w.grad, t.grad, None if b is None else b.grad, counts, t.detach(), w_hat
+
+
+def run_composition(x, w, t, b, dy, mode="dst", guard=0.01, backend="reference"):
+    x, w, t = x.clone().requires_grad_(), w.clone().requires_grad_(), t.clone().requires_grad_()
+    b = b.clone().requires_grad_() if b is not None else None
+    w_hat, counts = rgkernels.masked_weight(w, t, mode, guard_ratio=guard, backend=backend, return_counts=True)
+    y = F.linear(x, w_hat, b)
+    y.backward(dy)
+    return y.detach(), x.grad, w.grad, t.grad, None if b is None else b.grad, counts, t.detach(), w_hat.detach()
+
+
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+SHAPES = [  # (leading dims of x, in K, out O)
+    ((64,), 128, 512),  # several row blocks
+    ((3,), 1, 1),
+    ((5,), 7, 33),
+    ((2, 3), 37, 53),  # linear on leading dims
+    ((4,), 70000, 3),  # K above the block size: one row per block
+    ((1,), 300, 700),  # a partial last block
+]
+
+
+@pytest.mark.parametrize("lead,k,o", SHAPES)
+@pytest.mark.parametrize("mode", ["dst", "masked"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_float64(lead, k, o, mode, bias):
+    x, w = rand(*lead, k, seed=1), rand(o, k, seed=2, scale=0.5)
+    t = thresholds(w, 0.6)
+    t[0] = -0.1  # a row that keeps everything, zeros included
+    b = rand(o, seed=3) if bias else None
+    dy = rand(*lead, o, seed=4)
+    y, dx, dw, dt, db, counts, t_after, _ = run_fused(x, w, t, b, dy, mode)
+    r_y, r_dx, r_dw, r_dt, r_db, r_counts, r_t = linear_ref64(x, w, t, b, dy, mode)
+    assert y.shape == r_y.shape and dx.shape == x.shape and dw.shape == w.shape and dt.shape == t.shape
+    assert torch.equal(counts, r_counts) and torch.equal(t_after, r_t.float())
+    for got, want in ((y, r_y), (dx, r_dx), (dw, r_dw), (dt, r_dt)) + (((db, r_db),) if bias else ()):
+        assert rel_err(got, want) <= TOL[torch.float32], rel_err(got, want)
+    pruned = (w.abs() - t[:, None] <= 0) & (t[:, None] >= 0)
+    assert (dw[pruned] == 0).all(), "pruned weights get exactly zero gradient"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_dtypes(dtype):
+    x, w = rand(9, 40, dtype=dtype, seed=1), rand(70, 40, dtype=dtype, seed=2, scale=0.5)
+    t, b, dy = thresholds(w), rand(70, dtype=dtype, seed=3), rand(9, 70, dtype=dtype, seed=4)
+    y, dx, dw, dt, db, *_ = run_fused(x, w, t, b, dy)
+    r_y, r_dx, r_dw, r_dt, r_db, *_ = linear_ref64(x, w, t, b, dy)
+    assert y.dtype == dw.dtype == dx.dtype == dtype and dt.dtype == torch.float32
+    for got, want in ((y, r_y), (dx, r_dx), (dw, r_dw), (db, r_db)):
+        assert rel_err(got, want) <= TOL[dtype], rel_err(got, want)
+    assert rel_err(dt, r_dt) <= max(TOL[dtype], 1e-6)  # grad_threshold is float32
+
+
+def test_forward_and_input_gradient_equal_the_composition_exactly():
+    """Same ops on the same masked weight: forward, counts, input and bias gradients are bit-identical to
+    F.linear on the compiled masked_weight; the weight gradients only differ by the blocked GEMM's rounding."""
+    x, w = rand(32, 96, seed=1), rand(300, 96, seed=2, scale=0.5)
+    t, b, dy = thresholds(w), rand(300, seed=3), rand(32, 300, seed=4)
+    fused = run_fused(x, w, t, b, dy)
+    comp = run_composition(x, w, t, b, dy, backend="cpu")
+    for i in (0, 1, 4, 5, 6, 7):  # y, dx, db, counts, t, w_hat
+        assert torch.equal(fused[i], comp[i]), i
+    assert rel_err(fused[2], comp[2]) <= 1e-6 and rel_err(fused[3], comp[3]) <= 1e-5
+
+
+def test_non_contiguous_inputs():
+    w_store = rand(48, 80, seed=2, scale=0.5)
+    w = w_store.t().contiguous().t()  # same values, column-major strides
+    x = rand(80, 16, seed=1).t()  # transposed view
+    dy = rand(1, 48, seed=4).expand(16, 48)  # stride-0 rows, as y.sum()'s gradient
+    t, b = thresholds(w_store), rand(48, seed=3)
+    assert not w.is_contiguous() and not x.is_contiguous()
+    got = run_fused(x, w, t, b, dy)
+    want = linear_ref64(x, w, t, b, dy)
+    for g_, r_ in zip(got[:5], want[:5]):
+        assert rel_err(g_, r_) <= TOL[torch.float32]
+
+
+def test_collapse_guard_resets_threshold():
+    x, w = rand(4, 100, seed=1), rand(10, 100, seed=2)
+    t = torch.full((10,), 10.0)  # prunes everything: keep ratio 0 <= 1%
+    dy = rand(4, 10, seed=4)
+    y, dx, dw, dt, _, counts, t_after, w_hat = run_fused(x, w, t, None, dy)
+    assert torch.equal(t_after, torch.zeros(10)) and torch.equal(w_hat, w) and (counts == 100).all()
+    r = linear_ref64(x, w, t, None, dy)
+    assert rel_err(y, r[0]) <= 1e-6 and rel_err(dw, r[2]) <= 1e-5
+    # guard off: stays pruned, output is the bias-free zero
+    y2, *_ = run_fused(x, w, t, None, dy, guard=None)
+    assert torch.equal(y2, torch.zeros(4, 10))
+
+
+def test_only_input_gradient():
+    """Frozen weight and threshold (a G forward inside D's step, say): no weight-gradient GEMM, same dx."""
+    x, w = rand(8, 30, seed=1).requires_grad_(), rand(20, 30, seed=2)
+    t = thresholds(w)
+    y, _, _ = cpu_masked_linear.masked_linear_cpu(x, w, t, None, 0, 0.01)
+    y.backward(torch.ones_like(y))
+    r = linear_ref64(x.detach(), w, t, None, torch.ones(8, 20))
+    assert rel_err(x.grad, r[1]) <= 1e-6
+
+
+def test_op_checks_and_opcheck():
+    ops = torch.ops.rgkernels
+    x, w, dy = rand(4, 6), rand(5, 6), rand(4, 5)
+    t = torch.zeros(5)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        ops.masked_linear_bwd(dy, rand(4, 7), w, w, t, 0, True, True)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        ops.masked_linear_bwd(dy.double(), x, w, w, t, 0, True, True)
+    with pytest.raises(RuntimeError, match="grad_mode"):
+        ops.masked_linear_bwd(dy, x, w, w, t, 5, True, True)
+    with pytest.raises(RuntimeError, match="threshold"):
+        ops.masked_linear_bwd(dy, x, w, w, t.double(), 0, True, True)
+    gx, gw, gt, gb = ops.masked_linear_bwd(dy, x, w, w, t, 0, False, False)
+    assert gx.numel() == 0 and gb.numel() == 0 and gw.shape == w.shape and gt.shape == t.shape
+    torch.library.opcheck(ops.masked_linear_bwd, (dy, x, w, w * (w.abs() > 0.3), t + 0.3, 0, True, True))
+    torch.library.opcheck(ops.masked_linear_bwd, (dy, x, w, w, t, 1, False, True))
+
+
+# ---- the layers take the fused path ------------------------------------------------------------
+
+@contextlib.contextmanager
+def count_fused_calls():
+    """Counts the layers' calls of the fused path (rgkernels.layers calls it through the module)."""
+    calls = []
+    real = cpu_masked_linear.masked_linear_cpu
+
+    def spy(*a):
+        calls.append(a)
+        return real(*a)
+
+    cpu_masked_linear.masked_linear_cpu = spy
+    try:
+        yield calls
+    finally:
+        cpu_masked_linear.masked_linear_cpu = real
+
+
+def _layer_grads(layer, x, backend=None):
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with rgkernels.use_backend(backend):
+        y = layer(x)
+    y.backward(torch.ones_like(y).normal_(generator=torch.Generator().manual_seed(7)))
+    return [y.detach(), x.grad, layer.weight.grad, layer.threshold.grad, layer.bias.grad, layer.mask().clone()]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv_full_kernel"])
+def test_layer_uses_fused_path_and_matches_reference(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = rgkernels.MaskedLinear(40, 90), torch.randn(6, 40)
+    else:  # FastGAN-style: a 4x4 conv on a 4x4 map (one output position) is a linear layer
+        layer, x = rgkernels.MaskedConv2d(12, 20, 4, stride=2), torch.randn(3, 12, 4, 4)
+    with torch.no_grad():
+        layer.threshold.copy_(thresholds(layer.weight))
+    assert layer._linear_input(x) is not None
+    with count_fused_calls() as calls:
+        fused = _layer_grads(layer, x)
+    assert len(calls) == 1
+    ref = _layer_grads(layer, x, "reference")
+    assert torch.equal(fused[5], ref[5]), "same mask"
+    for a, b in zip(fused[:5], ref[:5]):
+        assert a.shape == b.shape and rel_err(a, b) <= 1e-5
+
+
+def test_conv_lowering_only_when_exact():
+    x = torch.randn(2, 3, 4, 4)
+    assert rgkernels.MaskedConv2d(3, 5, 4)._linear_input(x) is not None
+    assert rgkernels.MaskedConv2d(3, 5, 4, padding=1)._linear_input(x) is None
+    assert rgkernels.MaskedConv2d(3, 5, 3)._linear_input(x) is None
+    assert rgkernels.MaskedConv2d(4, 4, 4, groups=2)._linear_input(torch.randn(2, 4, 4, 4)) is None
+    assert rgkernels.MaskedConv2d(3, 5, 4, dilation=2)._linear_input(torch.randn(2, 3, 7, 7)) is None
+
+
+def test_not_taken_where_it_does_not_apply():
+    layer, x = rgkernels.MaskedLinear(8, 6), torch.randn(3, 8)
+    with count_fused_calls() as calls:
+        _layer_grads(layer, x, "reference")  # reference backend forced
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x).float().sum().backward()
+        rgkernels.MaskedConv2d(8, 6, 3, padding=1)(torch.randn(2, 8, 5, 5)).sum().backward()
+    assert calls == []
+
+
+def test_spectral_norm_layer_through_fused_path():
+    """The mask is computed on the effective weight; the stored parameter's gradient is masked (§2)."""
+    torch.manual_seed(0)
+    layer = rgkernels.sparsify(nn.utils.parametrizations.spectral_norm(nn.Linear(16, 24)))
+    with torch.no_grad():
+        layer.threshold.fill_(0.05)
+    x = torch.randn(5, 16)
+    with count_fused_calls() as calls:
+        layer(x).square().sum().backward()
+    assert len(calls) == 1
+    stored = layer.parametrizations.weight.original
+    m = layer.mask()
+    assert m is not None and (~m).any()
+    assert (stored.grad[~m] == 0).all() and (stored.grad[m] != 0).any()
+
+
+def test_torch_compile_masked_linear():
+    torch.manual_seed(0)
+    layer = rgkernels.MaskedLinear(12, 10)
+    with torch.no_grad():
+        layer.threshold.copy_(thresholds(layer.weight))
+    x = torch.randn(4, 12)
+    eager = _layer_grads(layer, x)
+    compiled = torch.compile(layer, backend="aot_eager")
+    layer.zero_grad(set_to_none=True)
+    xc = x.clone().requires_grad_()
+    y = compiled(xc)
+    y.backward(torch.ones_like(y).normal_(generator=torch.Generator().manual_seed(7)))
+    for a, b in zip(eager[:5], [y.detach(), xc.grad, layer.weight.grad, layer.threshold.grad, layer.bias.grad]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---- instruction-set variants of the row kernels ------------------------------------------------
+
+@contextlib.contextmanager
+def isa(name):
+    ext = _backend.extension()
+    old = ext.cpu_isa()
+    ext.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        ext.set_cpu_isa(old)
+
+
+def test_isa_list_and_switch():
+    ext = _backend.extension()
+    isas = ext.cpu_isas()
+    assert isas[-1] == "baseline" and ext.cpu_isa() in isas
+    assert set(isas) <= {"avx512", "avx2", "baseline"}
+    with pytest.raises(RuntimeError, match="unknown instruction set"):
+        ext.set_cpu_isa("sse9")
+    assert _backend.build_info()["cpu_isa"] == ext.cpu_isa()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_isa_variants_bit_identical(dtype):
+    """Every variant the CPU can run gives the baseline's bits (no FMA contraction, fixed sum order)."""
+    ops = torch.ops.rgkernels
+    w = rand(67, 1031, dtype=dtype, seed=2)  # rows longer than one vector, with tails
+    t = thresholds(w, 0.5)
+    t[3] = -1.0
+    g = rand(67, 1031, dtype=dtype, seed=3)
+    ws = w.t().contiguous().t()  # strided path too
+    results = {}
+    for name in _backend.extension().cpu_isas():
+        with isa(name):
+            out = [*ops.masked_weight_fwd(w, t.clone(), 0.01), *ops.masked_weight_bwd(g, w, t, 0),
+                   *ops.masked_weight_bwd(g, w, t, 1), *ops.masked_weight_bwd(g, ws, t, 0)]
+        results[name] = out
+    base = results["baseline"]
+    for name, out in results.items():
+        for a, b in zip(out, base):
+            assert torch.equal(a, b), name
+    r = ref64(w, t, g)
+    assert torch.equal(base[0].double(), r[0]) and torch.equal(base[1], r[1])
+
+
+@pytest.mark.parametrize("lead", [(4,), (2, 3)])
+def test_gradient_penalty_double_backward(lead):
+    """R1-style: the input gradient taken with create_graph=True and differentiated again reaches the
+    weight, threshold and bias as through the reference composition."""
+    torch.manual_seed(0)
+    layer = rgkernels.MaskedLinear(8, 6)
+    with torch.no_grad():
+        layer.threshold.copy_(thresholds(layer.weight))
+    x = torch.randn(*lead, 8)
+    grads = []
+    for backend in (None, "reference"):
+        layer.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        with rgkernels.use_backend(backend):
+            out = layer(xx)
+            (gx,) = torch.autograd.grad(out.square().sum(), xx, create_graph=True)
+            (gx.square().sum() + out.sum()).backward()
+        grads.append([layer.weight.grad, layer.threshold.grad, layer.bias.grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
