@@ -25,6 +25,12 @@ the thread's CPU time:
 page-faulted in at every allocation (glibc maps blocks over 32 MB afresh); THP_MEM_ALLOC_ENABLE=1 (a
 PyTorch setting: transparent huge pages for CPU tensors) cuts that cost about 4x for dense and masked.
 
+Paired CPU ratio (`test_masked_layer_cpu_ratio`): on a shared machine two cases timed minutes apart
+differ by more than the 5% the CPU target allows, so each round there runs the dense layer and the
+masked layer back to back (alternating which goes first) and the ratio of their median times is
+recorded in extra_info["ratio"] (thread CPU time, one thread unless RGKERNELS_BENCH_THREADS says
+otherwise).
+
 Targets (BENCHMARKS.md, not asserted): GPU keep 1.0 <= 1.05x dense and 50% rows pruned <= 0.65x dense
 for fwd_dgrad; CPU masked <= 1.05x dense for a step.
 """
@@ -148,3 +154,55 @@ def test_masked_layer(benchmark, case, device, phase, impl, sparsity):
     if impl == "masked" and isinstance(layer, rgkernels.MaskedLayer):
         benchmark.extra_info["path"] = sparse_exec.resolve(layer, x, layer.weight)
     benchmark.pedantic(run, rounds=_rounds(case, device), warmup_rounds=1)
+
+
+PAIRED_ROUNDS = int(os.environ.get("RGKERNELS_BENCH_PAIRED_ROUNDS", "25"))
+
+
+def _paired_params():
+    out = []
+    for p in _cases():
+        case, device = p.values
+        if device != "cpu":
+            continue
+        for sp in SPARSITY:
+            out.append(pytest.param(case, sp, id=f"{p.id}-{sp}"))
+    return out
+
+
+@pytest.mark.parametrize("case,sparsity", _paired_params())
+def test_masked_layer_cpu_ratio(benchmark, case, sparsity):
+    """Dense and masked (sparse mode, default execution) step times measured in the same rounds."""
+    import time
+
+    torch.set_num_threads(int(os.environ.get("RGKERNELS_BENCH_THREADS", "1")))
+    dense = _layer(case, "cpu", "dense", "-", DTYPE)
+    masked = _layer(case, "cpu", "masked", sparsity, DTYPE)
+    masked.execution = "masked_weight"
+    x = torch.randn(case[4], dtype=DTYPE, requires_grad=True)
+    with torch.no_grad():
+        g = torch.ones_like(dense(x)).normal_()
+
+    def step(layer):
+        y = layer(x)
+        y.backward(g)
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+
+    times = {"dense": [], "masked": []}
+
+    def pair():
+        order = ("dense", "masked") if len(times["dense"]) % 2 == 0 else ("masked", "dense")
+        for name in order:
+            t0 = time.thread_time()
+            step(dense if name == "dense" else masked)
+            times[name].append(time.thread_time() - t0)
+
+    step(dense), step(masked)  # warm-up outside the timing
+    benchmark.pedantic(pair, rounds=PAIRED_ROUNDS, warmup_rounds=1)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    benchmark.extra_info.update(model=case[0], layer=case[1], device="cpu", sparsity=sparsity, weight=list(case[3]),
+                                input=list(case[4]), threads=torch.get_num_threads(), dtype=str(DTYPE),
+                                dense_median_s=med["dense"], masked_median_s=med["masked"],
+                                ratio=med["masked"] / med["dense"], rounds=len(times["dense"]))

@@ -89,6 +89,9 @@ def main(argv=None) -> int:
         b = ext["build"]
         print(f"extension     rgkernels._C loaded: CPU kernels ({b.get('compiler')}, OpenMP {b.get('openmp')}), "
               f"CUDA kernels {'built' if b.get('cuda') else 'not built'}")
+        if b.get("cpu_isa"):
+            print(f"cpu kernels   {b['cpu_isa']} variant in use (this CPU runs: {', '.join(b.get('cpu_isas', []))}; "
+                  f"RGKERNELS_CPU_ISA picks another)")
     else:
         print(f"extension     NOT loaded: {ext['error']}")
     print()

@@ -1,7 +1,10 @@
 """Sparse execution of the masked layers: an opt-in execution mode per layer (DESIGN.md §4).
 
     layer.execution = "masked_weight"   (default) masked_weight(W, t) then the ATen GEMM (cuBLAS / cuDNN /
-                                        CPU BLAS) on W * M: the existing path
+                                        CPU BLAS) on W * M. On the CPU, linear layers (and convs with one
+                                        output position) run it as one fused node with the masked-weight
+                                        backward inside the blocked weight-gradient GEMM
+                                        (rgkernels/ops/cpu_masked_linear.py)
     layer.execution = "fused"           the Triton kernels: mask applied in the weight-load prologue of the
                                         forward and input-gradient GEMMs (W * M never written), the §2
                                         threshold / weight gradients and keep counts in the weight-gradient
