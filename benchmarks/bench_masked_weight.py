@@ -79,3 +79,29 @@ def test_device_copy_same_bytes(benchmark, size):
         torch.cuda.synchronize()
 
     benchmark.pedantic(run, rounds=50, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("phase", ["fwd", "bwd"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_cpu_kernel_per_isa(benchmark, isa, phase):
+    """The compiled CPU kernels alone (no autograd, no allocation of the inputs) at 1M float32 elements,
+    once per instruction-set variant (csrc/cpu/masked_weight_rows.h); variants this CPU lacks are skipped."""
+    ext = _backend.extension()
+    if ext is None:
+        pytest.skip("compiled extension unavailable")
+    if isa not in ext.cpu_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    w, t, g = _inputs("1M", "cpu")
+    w, t = w.detach(), t.detach()
+    ops = torch.ops.rgkernels
+    old = ext.cpu_isa()
+    ext.set_cpu_isa(isa)
+    try:
+        benchmark.extra_info.update(device="cpu", numel=w.numel(), impl=f"compiled-{isa}", phase=phase,
+                                    threads=torch.get_num_threads())
+        if phase == "fwd":
+            benchmark.pedantic(lambda: ops.masked_weight_fwd(w, t, 0.01), rounds=30, warmup_rounds=2)
+        else:
+            benchmark.pedantic(lambda: ops.masked_weight_bwd(g, w, t, 0), rounds=30, warmup_rounds=2)
+    finally:
+        ext.set_cpu_isa(old)

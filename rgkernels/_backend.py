@@ -159,6 +159,14 @@ def choose(device_type: str, explicit: Optional[str] = None) -> str:
     return "reference"  # unreachable: the reference is always available
 
 
+def cpu_kernels_chosen() -> bool:
+    """`choose("cpu") == "cpu"`, cheaply in the common case (extension loaded, nothing forced): the
+    masked layers ask once per forward."""
+    if _ext is not None and getattr(_state, "forced", None) is None and not os.environ.get("RGKERNELS_BACKEND"):
+        return True
+    return choose("cpu") == "cpu"
+
+
 def report() -> List[Dict]:
     """One row per device type: which backends are available and which one is used."""
     rows = []

@@ -33,14 +33,13 @@ def applies(x: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor]
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
-    return _backend.choose("cpu", None) == "cpu"
+    return _backend.cpu_kernels_chosen()
 
 
 class _MaskedLinearCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, threshold, bias, grad_mode_id, guard_ratio):
-        ops = torch.ops.rgkernels
-        w_hat, counts = ops.masked_weight_fwd(weight, threshold, guard_ratio)  # may reset t (guard)
+        w_hat, counts = torch.ops.rgkernels.masked_weight_fwd.default(weight, threshold, guard_ratio)  # guard: may reset t
         flat = x.dim() != 2  # F.linear's leading dims, flattened for the GEMMs
         x2 = x.reshape(-1, x.shape[-1]) if flat else x
         y = torch.addmm(bias, x2, w_hat.t()) if bias is not None else torch.mm(x2, w_hat.t())
@@ -66,7 +65,7 @@ class _MaskedLinearCPU(torch.autograd.Function):
             gb = dy2.sum(0) if need_b and ctx.has_bias else None
             return gx, gw, gt, gb, None, None
         elif need_w or need_t:
-            gx, gw, gt, gb = torch.ops.rgkernels.masked_linear_bwd(
+            gx, gw, gt, gb = torch.ops.rgkernels.masked_linear_bwd.default(
                 dy2, x2, weight, w_hat, ctx.threshold, ctx.grad_mode_id, need_x, need_b and ctx.has_bias)
         else:  # only the input (and bias) gradient: no weight-gradient GEMM at all
             gx = dy2.mm(w_hat) if need_x else None
