@@ -49,6 +49,9 @@ class _MaskedLinearCPU(torch.autograd.Function):
         ctx.x_shape = x.shape if flat else None
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(w_hat, counts)
+        # No zero-filled gradients for W_hat and the counts (never differentiated): materialising them
+        # cost a weight-sized allocation and fill per backward, more than the masked-weight backward.
+        ctx.set_materialize_grads(False)
         if flat:
             y = y.view(*x.shape[:-1], weight.shape[0])
         return y, w_hat, counts
@@ -57,6 +60,8 @@ class _MaskedLinearCPU(torch.autograd.Function):
     def backward(ctx, dy, _dw_hat, _dcounts):
         x, weight, w_hat = ctx.saved_tensors
         need_x, need_w, need_t, need_b = ctx.needs_input_grad[:4]
+        if dy is None:  # y did not reach the loss
+            return None, None, None, None, None, None
         flat = ctx.x_shape is not None
         x2 = x.reshape(-1, x.shape[-1]) if flat else x
         dy2 = dy.reshape(-1, dy.shape[-1]) if flat else dy

@@ -98,13 +98,14 @@ class _MaskedWeightFn(torch.autograd.Function):
         ctx.bwd = bwd
         ctx.grad_mode_id = grad_mode_id
         ctx.mark_non_differentiable(counts)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the counts in every backward
         return out.view(weight.shape), counts
 
     @staticmethod
     def backward(ctx, grad_out, _grad_counts):
         (weight,) = ctx.saved_tensors
         threshold = ctx.threshold
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        if grad_out is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None, None
         gw, gt = ctx.bwd(_as_rows(grad_out), _as_rows(weight), threshold, ctx.grad_mode_id)
         gw = gw.view(weight.shape) if ctx.needs_input_grad[0] else None
