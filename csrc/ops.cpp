@@ -22,6 +22,7 @@
 #include <string>
 
 #include "rgkernels/masked_weight.h"
+#include "cpu/masked_linear_cpu.h"
 #include "cpu/masked_weight_rows.h"
 
 #ifdef _OPENMP
@@ -160,6 +161,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &rgkernels::cpu::active_isa,
         "instruction set of the CPU row kernels in use (avx512, avx2 or baseline)");
   m.def("cpu_isas", &rgkernels::cpu::supported_isas, "instruction sets this CPU can run, best first");
+  m.def("masked_linear_cpu", &rgkernels::cpu::masked_linear_autograd, pybind11::arg("input"),
+        pybind11::arg("weight"), pybind11::arg("threshold"), pybind11::arg("bias"), pybind11::arg("grad_mode"),
+        pybind11::arg("guard_ratio"),
+        "(y, W_hat, keep counts) of F.linear(input, W * M, bias) as one C++ autograd node (CPU)");
+  m.def(
+      "_set_double_backward",
+      [](pybind11::function fn) {
+        // Held for the life of the process and never destroyed: a Python object must not be
+        // released at static destruction time, without the GIL.
+        auto* held = new pybind11::function(std::move(fn));
+        rgkernels::cpu::set_double_backward(
+            [held](const at::Tensor& x, const at::Tensor& w, const at::Tensor& t, const at::Tensor& dy,
+                   int64_t grad_mode, std::vector<bool> needs) {
+              pybind11::gil_scoped_acquire gil;
+              auto r = (*held)(x, w, t, dy, grad_mode, needs).cast<std::vector<std::optional<at::Tensor>>>();
+              std::vector<at::Tensor> out;
+              for (auto& g : r) out.push_back(g.has_value() ? *g : at::Tensor());
+              return out;
+            });
+      },
+      "registers the differentiable composition used by masked_linear_cpu under create_graph=True");
   m.def("set_cpu_isa", &rgkernels::cpu::set_isa, pybind11::arg("name"),
         "switches the CPU row kernels to another instruction set (tests, benchmarks); returns the "
         "one in use");

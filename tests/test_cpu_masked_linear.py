@@ -40,6 +40,15 @@ def linear_ref64(x, w, t, b, dy, mode="dst", guard=0.01):
     return y.reshape(*x.shape[:-1], w.shape[0]), dx.reshape(x.shape), gw, gt, db, counts, t_after
 
 
+@pytest.fixture(params=["cpp", "python"], autouse=True)
+def impl(request, monkeypatch):
+    """Every test runs with the C++ autograd node and with the Python autograd.Function."""
+    real = cpu_masked_linear.masked_linear_cpu
+    monkeypatch.setattr(cpu_masked_linear, "masked_linear_cpu",
+                        lambda *a, **k: real(*a, **{"impl": request.param, **k}))
+    return request.param
+
+
 def run_fused(x, w, t, b, dy, mode="dst", guard=0.01):
     x, w, t = x.clone().requires_grad_(), w.clone().requires_grad_(), t.clone().requires_grad_()
     b = b.clone().requires_grad_() if b is not None else None

@@ -15,12 +15,15 @@
 // rounding (the blocks are separate GEMM calls).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 #include <vector>
 
+#include "masked_linear_cpu.h"
 #include "masked_weight_rows.h"
 #include "rgkernels/masked_weight.h"
 
@@ -103,7 +106,106 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_bwd_cpu
   return {grad_input, grad_weight, grad_threshold, grad_bias};
 }
 
+// ---- the autograd node ----------------------------------------------------------------------
+//
+// The same node as rgkernels/ops/cpu_masked_linear.py's _MaskedLinearCPU, in C++: on layers with
+// little work per weight, a Python autograd.Function's forward and backward calls cost a visible
+// share of the step. Backward passes with create_graph=True (gradient penalties) call back into
+// Python for a differentiable composition (set_double_backward).
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+cpu::DoubleBackwardFn& double_backward_slot() {
+  static cpu::DoubleBackwardFn fn;
+  return fn;
+}
+
+std::tuple<at::Tensor, at::Tensor> call_masked_weight_fwd(const at::Tensor& w, const at::Tensor& t,
+                                                          double guard_ratio) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rgkernels::masked_weight_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(w, t, guard_ratio);
+}
+
+class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& threshold, const std::optional<at::Tensor>& bias,
+                               int64_t grad_mode, double guard_ratio) {
+    auto [w_hat, counts] = call_masked_weight_fwd(weight, threshold, guard_ratio);  // guard: may reset t
+    const bool flat = x.dim() != 2;  // F.linear's leading dims, flattened for the GEMMs
+    const at::Tensor x2 = flat ? x.reshape({-1, x.size(-1)}) : x;
+    const bool has_bias = bias.has_value() && bias->defined();
+    at::Tensor y = has_bias ? at::addmm(*bias, x2, w_hat.t()) : at::mm(x2, w_hat.t());
+    if (flat) {
+      std::vector<int64_t> shape = x.sizes().vec();
+      shape.back() = weight.size(0);
+      y = y.view(shape);
+    }
+    ctx->save_for_backward({x, weight, w_hat});
+    // Not a saved variable: the guard's in-place write bumps its version (see masked_weight.py).
+    ctx->saved_data["threshold"] = threshold;
+    ctx->saved_data["grad_mode"] = grad_mode;
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->mark_non_differentiable({w_hat, counts});
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for W_hat and the counts
+    return {y, w_hat, counts};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(6);
+    const at::Tensor& dy = grads[0];
+    if (!dy.defined()) return out;  // y did not reach the loss
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &w_hat = saved[2];
+    const at::Tensor threshold = ctx->saved_data["threshold"].toTensor();
+    const int64_t grad_mode = ctx->saved_data["grad_mode"].toInt();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
+               need_t = ctx->needs_input_grad(2),
+               need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
+    const bool flat = x.dim() != 2;
+    const at::Tensor dy2 = flat ? dy.reshape({-1, dy.size(-1)}) : dy;
+    if (need_b) out[3] = dy2.sum(0);
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the gradients must be a graph themselves
+      const cpu::DoubleBackwardFn& fn = double_backward_slot();
+      TORCH_CHECK(fn, "masked linear: a backward pass with create_graph=True needs the rgkernels Python "
+                  "package (it registers the differentiable composition)");
+      std::vector<at::Tensor> r = fn(x, weight, threshold, dy, grad_mode, {need_x, need_w, need_t});
+      for (int i = 0; i < 3; ++i) out[i] = r[i];
+      return out;
+    }
+    const at::Tensor x2 = flat ? x.reshape({-1, x.size(-1)}) : x;
+    if (need_w || need_t) {
+      auto [gx, gw, gt, gb] = masked_linear_bwd_cpu(dy2, x2, weight, w_hat, threshold, grad_mode, need_x, false);
+      if (need_x) out[0] = flat ? gx.view(x.sizes()) : gx;
+      if (need_w) out[1] = gw;
+      if (need_t) out[2] = gt;
+    } else if (need_x) {  // frozen weight and threshold: no weight-gradient GEMM at all
+      const at::Tensor gx = dy2.mm(w_hat);
+      out[0] = flat ? gx.view(x.sizes()) : gx;
+    }
+    return out;
+  }
+};
+
 }  // namespace
+
+namespace cpu {
+
+void set_double_backward(DoubleBackwardFn fn) { double_backward_slot() = std::move(fn); }
+
+std::vector<at::Tensor> masked_linear_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                               const at::Tensor& threshold, const std::optional<at::Tensor>& bias,
+                                               int64_t grad_mode, double guard_ratio) {
+  TORCH_CHECK(input.dim() >= 1 && weight.dim() == 2 && input.size(-1) == weight.size(1),
+              "masked_linear_cpu: input [..., ", weight.dim() == 2 ? weight.size(1) : -1,
+              "] and a 2-D weight expected, got ", input.sizes(), " and ", weight.sizes());
+  return MaskedLinearFn::apply(input, weight, threshold, bias, grad_mode, guard_ratio);
+}
+
+}  // namespace cpu
 }  // namespace rgkernels
 
 TORCH_LIBRARY_IMPL(rgkernels, CPU, m) {

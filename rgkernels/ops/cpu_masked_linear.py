@@ -85,28 +85,60 @@ class _MaskedLinearCPU(torch.autograd.Function):
 
 
 def _differentiable_backward(ctx, x, weight, dy):
+    return differentiable_grads(x, weight, ctx.threshold, dy, ctx.grad_mode_id, ctx.needs_input_grad[:3])
+
+
+def differentiable_grads(x, weight, threshold, dy, grad_mode_id, needs):
     """(dx, dW, dt) as a graph: the reference composition recomputed with the threshold the forward used
     (its collapse guard already ran, so it is off here) and differentiated by autograd. Costs one extra
-    forward; only backward passes with create_graph=True take it."""
+    forward; only backward passes with create_graph=True take it (also for the C++ node)."""
     from .masked_weight import masked_weight
 
-    grad_mode = {0: "dst", 1: "masked"}[ctx.grad_mode_id]
-    y = torch.nn.functional.linear(x, masked_weight(weight, ctx.threshold, grad_mode, guard_ratio=None))
-    inputs = (x, weight, ctx.threshold)
-    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+    grad_mode = {0: "dst", 1: "masked"}[grad_mode_id]
+    with torch.enable_grad():
+        y = torch.nn.functional.linear(x, masked_weight(weight, threshold, grad_mode, guard_ratio=None))
+    inputs = (x, weight, threshold)
+    wanted = [i for i in range(3) if needs[i]]
     out = [None, None, None]
     if wanted:
         grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)
         for i, g in zip(wanted, grads):
             out[i] = g if g is not None else torch.zeros_like(inputs[i])
-    return tuple(out)
+    return out
+
+
+_cpp_ready = False
+
+
+def _cpp_node():
+    """The C++ autograd node of `rgkernels._C` (None without it), its double backward registered."""
+    global _cpp_ready
+    ext = _backend.extension()
+    if ext is None or not hasattr(ext, "masked_linear_cpu"):
+        return None
+    if not _cpp_ready:
+        ext._set_double_backward(differentiable_grads)
+        _cpp_ready = True
+    return ext.masked_linear_cpu
 
 
 def masked_linear_cpu(x: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor],
-                      grad_mode_id: int, guard_ratio: float) -> Tuple[Tensor, Tensor, Tensor]:
+                      grad_mode_id: int, guard_ratio: float, impl: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(y, W_hat, keep counts) of F.linear(x, W * M, b), with the gradients of DESIGN.md §2.
 
     `weight` is [out, in] (any strides), `threshold` float32 [out] (reset in place by the collapse
     guard, `guard_ratio` < 0 disables it), `grad_mode_id` 0 = "dst", 1 = "masked". Check `applies`
-    first; W_hat and the counts are for the layer's statistics (not differentiable)."""
+    first; W_hat and the counts are for the layer's statistics (not differentiable).
+
+    `impl`: "cpp" (the node in C++: no Python in the forward and backward calls, which on small
+    layers is a visible share of the step; the default), or "python" (the same node as an
+    autograd.Function; always used under torch.compile, which traces it through the ops' fake
+    implementations)."""
+    if impl != "python" and not torch.compiler.is_compiling():
+        node = _cpp_node()
+        if node is not None:
+            y, w_hat, counts = node(x, weight, threshold, bias, grad_mode_id, guard_ratio)
+            return y, w_hat, counts
+        if impl == "cpp":
+            raise RuntimeError("masked_linear_cpu: the C++ node needs the compiled extension")
     return _MaskedLinearCPU.apply(x, weight, threshold, bias, grad_mode_id, guard_ratio)
