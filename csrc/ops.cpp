@@ -164,7 +164,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_linear_cpu", &rgkernels::cpu::masked_linear_autograd, pybind11::arg("input"),
         pybind11::arg("weight"), pybind11::arg("threshold"), pybind11::arg("bias"), pybind11::arg("grad_mode"),
         pybind11::arg("guard_ratio"),
-        "(y, W_hat, keep counts) of F.linear(input, W * M, bias) as one C++ autograd node (CPU)");
+        "(y, W_hat, keep counts, live rows or -1) of F.linear(input, W * M, bias) as one C++ autograd node (CPU)");
   m.def(
       "_set_double_backward",
       [](pybind11::function fn) {

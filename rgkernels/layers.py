@@ -199,10 +199,14 @@ class MaskedLayer:
                 self._hook_stored_weight()
                 flat = weight.dim() != 2  # a conv's [C_out, C_in, kh, kw] weight as [C_out, K] rows
                 guard = self.guard_ratio
-                y, w_hat, counts = cpu_masked_linear.masked_linear_cpu(
+                y, w_hat, counts, n_live = cpu_masked_linear.masked_linear_cpu(
                     x2, weight.reshape(weight.shape[0], -1) if flat else weight, self.threshold, self.bias,
                     _grad_mode_id(self.grad_mode), -1.0 if guard is None else float(guard))
                 self._record(w_hat.view(weight.shape) if flat else w_hat, counts)
+                if n_live is not None:  # entirely pruned rows skipped: what count_flops reports as executed
+                    self.__dict__["_exec_record"] = {"nlive": n_live, "in_nlive": None, "dgrad_skip": False,
+                                                     "cout": weight.shape[0], "cin": weight.shape[1],
+                                                     "khkw": weight[0, 0].numel() if flat else 1}
                 return self._linear_output(y, input)
         return self._functional(input, self._masked_weight(weight), **kw)
 

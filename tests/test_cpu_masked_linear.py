@@ -53,7 +53,7 @@ def run_fused(x, w, t, b, dy, mode="dst", guard=0.01):
     x, w, t = x.clone().requires_grad_(), w.clone().requires_grad_(), t.clone().requires_grad_()
     b = b.clone().requires_grad_() if b is not None else None
     mode_id = {"dst": 0, "masked": 1}[mode]
-    y, w_hat, counts = cpu_masked_linear.masked_linear_cpu(x, w, t, b, mode_id, -1.0 if guard is None else guard)
+    y, w_hat, counts, _ = cpu_masked_linear.masked_linear_cpu(x, w, t, b, mode_id, -1.0 if guard is None else guard)
     y.backward(dy)
     return y.detach(), x.grad, w.grad, t.grad, None if b is None else b.grad, counts, t.detach(), w_hat
 
@@ -152,7 +152,7 @@ def test_only_input_gradient():
     """Frozen weight and threshold (a G forward inside D's step, say): no weight-gradient GEMM, same dx."""
     x, w = rand(8, 30, seed=1).requires_grad_(), rand(20, 30, seed=2)
     t = thresholds(w)
-    y, _, _ = cpu_masked_linear.masked_linear_cpu(x, w, t, None, 0, 0.01)
+    y, _, _, _ = cpu_masked_linear.masked_linear_cpu(x, w, t, None, 0, 0.01)
     y.backward(torch.ones_like(y))
     r = linear_ref64(x.detach(), w, t, None, torch.ones(8, 20))
     assert rel_err(x.grad, r[1]) <= 1e-6
@@ -340,3 +340,50 @@ def test_gradient_penalty_double_backward(lead):
         grads.append([layer.weight.grad, layer.threshold.grad, layer.bias.grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- entirely pruned rows left out of the forward and input-gradient GEMMs (C++ node) -------------
+
+@pytest.mark.parametrize("dead_share", [0.1, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dead_rows_compacted(dead_share, bias, impl):
+    x, w = rand(2, 5, 40, seed=1), rand(64, 40, seed=2, scale=0.5)
+    t = thresholds(w, 0.6)
+    n_dead = int(round(dead_share * 64))
+    dead = torch.randperm(64, generator=torch.Generator().manual_seed(3))[:n_dead]
+    t[dead] = w.abs().max() + 1  # rows entirely pruned
+    b = rand(64, seed=4) if bias else None
+    dy = rand(2, 5, 64, seed=5)
+    guard = None  # all rows dead must stay dead here
+    x_, w_, t_ = x.clone().requires_grad_(), w.clone().requires_grad_(), t.clone().requires_grad_()
+    b_ = b.clone().requires_grad_() if bias else None
+    y, _, counts, n_live = cpu_masked_linear.masked_linear_cpu(x_, w_, t_, b_, 0, -1.0)
+    y.backward(dy)
+    r = linear_ref64(x, w, t, b, dy, guard=guard)
+    compacted = impl == "cpp" and n_dead * 8 >= 64
+    assert (n_live is not None) == compacted
+    if compacted:
+        assert int(n_live[0]) == 64 - n_dead
+    assert (counts[dead] == 0).all()
+    for got, want in ((y, r[0]), (x_.grad, r[1]), (w_.grad, r[2]), (t_.grad, r[3])) + (((b_.grad, r[4]),) if bias else ()):
+        if want.norm() == 0:
+            assert got.abs().max() == 0
+        else:
+            assert rel_err(got, want) <= TOL[torch.float32], rel_err(got, want)
+    if bias:  # dead output channels are exactly the bias
+        assert torch.equal(y.reshape(-1, 64)[:, dead], b[dead].expand(10, -1))
+
+
+def test_executed_flops_count_the_compacted_gemms(impl):
+    layer = rgkernels.MaskedLinear(32, 16)
+    with torch.no_grad():
+        layer.threshold.zero_()
+        layer.threshold[:8] = layer.weight.abs().max() + 1  # half the rows dead
+    x = torch.randn(4, 32)
+    rep = rgkernels.count_flops(layer, x)
+    (lf,) = rep.layers.values()
+    live = 8 if impl == "cpp" else 16  # the Python node (torch.compile's) runs the dense GEMMs
+    assert lf.forward.executed == 2 * 4 * live * 32 and lf.forward.dense == 2 * 4 * 16 * 32
+    assert lf.input_grad.executed == 2 * 4 * live * 32
+    assert lf.weight_grad.executed == 2 * 4 * 16 * 32
+    assert lf.forward.active == 2 * 4 * 8 * 32

@@ -129,6 +129,13 @@ std::tuple<at::Tensor, at::Tensor> call_masked_weight_fwd(const at::Tensor& w, c
   return op.call(w, t, guard_ratio);
 }
 
+// Entirely pruned rows (keep count 0: W_hat's row is exactly zero) are left out of the forward and
+// input-gradient GEMMs once they are at least this share of the layer (DESIGN.md §4: those output
+// channels need no compute). The gather of the live rows of W_hat and the scatter of the output
+// columns cost about one pass over W_hat and one over y; the GEMMs shrink by the dead share. The
+// weight-gradient GEMM stays dense (the threshold gradient needs g at every entry).
+constexpr int64_t kCompactMinDeadInv = 8;  // compact when dead rows >= 1/8 of the rows
+
 class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -138,10 +145,28 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
     const bool flat = x.dim() != 2;  // F.linear's leading dims, flattened for the GEMMs
     const at::Tensor x2 = flat ? x.reshape({-1, x.size(-1)}) : x;
     const bool has_bias = bias.has_value() && bias->defined();
-    at::Tensor y = has_bias ? at::addmm(*bias, x2, w_hat.t()) : at::mm(x2, w_hat.t());
+    const int64_t O = weight.size(0);
+    int64_t dead = 0;
+    const int32_t* c = counts.data_ptr<int32_t>();  // a CPU tensor: reading it costs no sync
+    for (int64_t i = 0; i < O; ++i) dead += c[i] == 0;
+    const bool compact = dead > 0 && dead * kCompactMinDeadInv >= O;
+    at::Tensor y, live, w_live;
+    if (compact) {
+      live = at::nonzero(counts).view({-1});
+      w_live = w_hat.index_select(0, live);
+      // Dead output channels are the bias (or 0): their W_hat rows are zero.
+      y = has_bias ? bias->unsqueeze(0).expand({x2.size(0), O}).contiguous() : at::zeros({x2.size(0), O}, x.options());
+      if (live.numel() > 0) {
+        const at::Tensor y_live = has_bias ? at::addmm(bias->index_select(0, live), x2, w_live.t())
+                                           : at::mm(x2, w_live.t());
+        y.index_copy_(1, live, y_live);
+      }
+    } else {
+      y = has_bias ? at::addmm(*bias, x2, w_hat.t()) : at::mm(x2, w_hat.t());
+    }
     if (flat) {
       std::vector<int64_t> shape = x.sizes().vec();
-      shape.back() = weight.size(0);
+      shape.back() = O;
       y = y.view(shape);
     }
     ctx->save_for_backward({x, weight, w_hat});
@@ -149,9 +174,15 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
     ctx->saved_data["threshold"] = threshold;
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->saved_data["has_bias"] = has_bias;
-    ctx->mark_non_differentiable({w_hat, counts});
+    if (compact) {
+      ctx->saved_data["live"] = live;
+      ctx->saved_data["w_live"] = w_live;
+    }
+    // Live output channels the forward and input-gradient GEMMs ran (-1: all of them, not compacted).
+    at::Tensor n_live = at::full({1}, compact ? O - dead : -1, counts.options().dtype(at::kLong));
+    ctx->mark_non_differentiable({w_hat, counts, n_live});
     ctx->set_materialize_grads(false);  // no zero-filled gradients for W_hat and the counts
-    return {y, w_hat, counts};
+    return {y, w_hat, counts, n_live};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -177,14 +208,22 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
       return out;
     }
     const at::Tensor x2 = flat ? x.reshape({-1, x.size(-1)}) : x;
+    const bool compact = ctx->saved_data.count("live") > 0;
+    if (need_x) {
+      at::Tensor gx;
+      if (!compact) {
+        gx = dy2.mm(w_hat);
+      } else {
+        const at::Tensor live = ctx->saved_data["live"].toTensor();
+        gx = live.numel() > 0 ? dy2.index_select(1, live).mm(ctx->saved_data["w_live"].toTensor())
+                              : at::zeros({dy2.size(0), x2.size(1)}, dy2.options());
+      }
+      out[0] = flat ? gx.view(x.sizes()) : gx;
+    }
     if (need_w || need_t) {
-      auto [gx, gw, gt, gb] = masked_linear_bwd_cpu(dy2, x2, weight, w_hat, threshold, grad_mode, need_x, false);
-      if (need_x) out[0] = flat ? gx.view(x.sizes()) : gx;
+      auto [gx_, gw, gt, gb] = masked_linear_bwd_cpu(dy2, x2, weight, w_hat, threshold, grad_mode, false, false);
       if (need_w) out[1] = gw;
       if (need_t) out[2] = gt;
-    } else if (need_x) {  // frozen weight and threshold: no weight-gradient GEMM at all
-      const at::Tensor gx = dy2.mm(w_hat);
-      out[0] = flat ? gx.view(x.sizes()) : gx;
     }
     return out;
   }

@@ -11,7 +11,9 @@
 namespace rgkernels {
 namespace cpu {
 
-// (y, W_hat, keep counts) of F.linear(input, W * M, bias) with the gradients of DESIGN.md §2.
+// (y, W_hat, keep counts, live rows) of F.linear(input, W * M, bias) with the gradients of DESIGN.md
+// §2; live rows: int64 [1], the output channels the GEMMs ran when entirely pruned rows were left
+// out of them, else -1.
 // weight [out, in], threshold float32 [out] (reset in place by the collapse guard; guard_ratio < 0
 // disables it), grad_mode 0 = "dst", 1 = "masked".
 std::vector<at::Tensor> masked_linear_autograd(const at::Tensor& input, const at::Tensor& weight,

@@ -123,12 +123,16 @@ def _cpp_node():
 
 
 def masked_linear_cpu(x: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor],
-                      grad_mode_id: int, guard_ratio: float, impl: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y, W_hat, keep counts) of F.linear(x, W * M, b), with the gradients of DESIGN.md §2.
+                      grad_mode_id: int, guard_ratio: float,
+                      impl: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(y, W_hat, keep counts, live rows) of F.linear(x, W * M, b), with the gradients of DESIGN.md §2.
 
     `weight` is [out, in] (any strides), `threshold` float32 [out] (reset in place by the collapse
     guard, `guard_ratio` < 0 disables it), `grad_mode_id` 0 = "dst", 1 = "masked". Check `applies`
-    first; W_hat and the counts are for the layer's statistics (not differentiable).
+    first; W_hat and the counts are for the layer's statistics (not differentiable). Live rows: with
+    the C++ node, entirely pruned output channels (keep count 0) are left out of the forward and
+    input-gradient GEMMs once they are >= 1/8 of the rows; it is then an int64 [1] tensor holding the
+    live channels the GEMMs ran (for executed-FLOP accounting), else None.
 
     `impl`: "cpp" (the node in C++: no Python in the forward and backward calls, which on small
     layers is a visible share of the step; the default), or "python" (the same node as an
@@ -137,8 +141,8 @@ def masked_linear_cpu(x: Tensor, weight: Tensor, threshold: Tensor, bias: Option
     if impl != "python" and not torch.compiler.is_compiling():
         node = _cpp_node()
         if node is not None:
-            y, w_hat, counts = node(x, weight, threshold, bias, grad_mode_id, guard_ratio)
-            return y, w_hat, counts
+            y, w_hat, counts, n_live = node(x, weight, threshold, bias, grad_mode_id, guard_ratio)
+            return y, w_hat, counts, (n_live if int(n_live[0]) >= 0 else None)
         if impl == "cpp":
             raise RuntimeError("masked_linear_cpu: the C++ node needs the compiled extension")
-    return _MaskedLinearCPU.apply(x, weight, threshold, bias, grad_mode_id, guard_ratio)
+    return (*_MaskedLinearCPU.apply(x, weight, threshold, bias, grad_mode_id, guard_ratio), None)
