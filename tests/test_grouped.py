@@ -34,14 +34,16 @@ def test_grouped_equals_per_layer():
     y1 = per_layer(x)
     with rgkernels.grouped_masks(grouped):
         y2 = grouped(x)
-    assert torch.equal(y1, y2)
+    # Same masked weights; on the CPU the per-layer linear runs the fused node, whose GEMMs may skip
+    # entirely pruned rows (other GEMM shapes: other rounding), hence a float32-rounding tolerance.
+    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-7)
     g = torch.randn_like(y1)
     y1.backward(g)
     y2.backward(g)
     g1, g2 = _grads(per_layer), _grads(grouped)
     assert g1.keys() == g2.keys() and any("threshold" in k for k in g1)
     for k in g1:
-        torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-5, atol=1e-6, msg=k)
     for (_, a), (_, b) in zip(rgkernels.masked_layers(per_layer), rgkernels.masked_layers(grouped)):
         assert torch.equal(a.mask(), b.mask()) and torch.equal(a.last_counts, b.last_counts)
         assert b._pre_masked is None  # cleared on exit
