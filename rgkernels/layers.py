@@ -59,7 +59,7 @@ class MaskedLayer:
     # before these existed still load.
     _last_bits = None  # uint8 [C_out, ceil(K/8)]: bit-packed mask of the last fused forward
     _last_rows_shape = None  # the [C_out, ...] shape that mask belongs to
-    _exec_record = None  # live channel counts of the last fused forward (for count_flops)
+    _exec_record = None  # live channel counts of the last forward that skipped GEMM work (count_flops)
     _exec_flops = None  # int64 [3] device counter of the FLOPs the fused kernels ran
     _exec_state = None  # "auto" bookkeeping
     _chain_src = None  # weakref to the producer layer of a chain (sparse_exec.compact_chains)
@@ -204,10 +204,11 @@ class MaskedLayer:
                     _grad_mode_id(self.grad_mode), -1.0 if guard is None else float(guard))
                 self._record(w_hat.view(weight.shape) if flat else w_hat, counts)
                 if n_live is not None:  # entirely pruned rows skipped: what count_flops reports as executed
-                    self.__dict__["_exec_record"] = {"nlive": n_live, "in_nlive": None, "dgrad_skip": False,
-                                                     "cout": weight.shape[0], "cin": weight.shape[1],
-                                                     "khkw": weight[0, 0].numel() if flat else 1}
-                return self._linear_output(y, input)
+                    from .sparse_exec import exec_record
+
+                    self.__dict__["_exec_record"] = exec_record(n_live, weight.shape[0], weight.shape[1],
+                                                                weight[0, 0].numel() if flat else 1)
+                return self._linear_output(y)
         return self._functional(input, self._masked_weight(weight), **kw)
 
     def _linear_input(self, input: Tensor) -> Optional[Tensor]:
@@ -215,7 +216,7 @@ class MaskedLayer:
         or None when the layer is not one."""
         return None
 
-    def _linear_output(self, y: Tensor, input: Tensor) -> Tensor:
+    def _linear_output(self, y: Tensor) -> Tensor:
         return y
 
     def _mask_rows(self) -> Optional[Tensor]:
@@ -315,7 +316,7 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
             return None
         return input.reshape(input.shape[0], -1)
 
-    def _linear_output(self, y: Tensor, input: Tensor) -> Tensor:
+    def _linear_output(self, y: Tensor) -> Tensor:
         return y.view(y.shape[0], y.shape[1], 1, 1)
 
 

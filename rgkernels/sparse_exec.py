@@ -476,22 +476,15 @@ class _FusedFn(torch.autograd.Function):
 
 
 def _differentiable_backward(ctx, x, weight, t, dy):
-    """The gradients of _FusedFn as a graph, for backward passes with create_graph=True (a gradient
-    penalty differentiates the input gradient again): the reference composition recomputed with the
-    threshold the forward used (its collapse guard already ran, so it is off here) and differentiated
-    with autograd. Costs one extra forward; only such passes take it."""
-    from .ops.masked_weight import masked_weight
+    """The gradients of _FusedFn as a graph (create_graph=True): see masked_weight.differentiable_grads."""
+    from .ops.masked_weight import differentiable_grads
 
-    grad_mode = {v: k for k, v in GRAD_MODES.items()}[ctx.grad_mode_id]
-    w_hat = masked_weight(weight, t, grad_mode, guard_ratio=None)
-    y = F.linear(x, w_hat) if ctx.kind == "linear" else F.conv2d(x, w_hat, None, *ctx.conv)
-    wanted = [(i, v) for i, v in enumerate((x, weight, t)) if ctx.needs_input_grad[i]]
-    grads = []
-    if wanted:
-        grads = torch.autograd.grad(y, [v for _, v in wanted], dy, create_graph=True, allow_unused=True)
-    out = [None, None, None]
-    for (i, v), g in zip(wanted, grads):
-        out[i] = g if g is not None else torch.zeros_like(v)
+    if ctx.kind == "linear":
+        layer_fn = F.linear
+    else:
+        def layer_fn(x, w_hat):
+            return F.conv2d(x, w_hat, None, *ctx.conv)
+    out = differentiable_grads(layer_fn, x, weight, t, dy, ctx.grad_mode_id, ctx.needs_input_grad[:3])
     db = None
     if ctx.has_bias and ctx.needs_input_grad[3]:
         db = dy.sum(0) if ctx.kind == "linear" else dy.sum((0, 2, 3))
@@ -553,8 +546,8 @@ def forward(layer, x: Tensor, **kw) -> Tensor:
     layer._record_fused(info["counts"], info["bits"], weight.shape)
     cin = weight.shape[1]
     khkw = 1 if kind == "linear" else weight.shape[2] * weight.shape[3]
-    layer._exec_record = {"nlive": info["nlive"], "in_nlive": None if in_fwd is None else in_fwd[1],
-                          "dgrad_skip": in_dgrad is not None, "cout": weight.shape[0], "cin": cin, "khkw": khkw}
+    layer._exec_record = exec_record(info["nlive"], weight.shape[0], cin, khkw,
+                                     in_nlive=None if in_fwd is None else in_fwd[1], dgrad_skip=in_dgrad is not None)
     seq = layer._chain_seq() if layer._chain_seq is not None else None
     if seq is not None and getattr(seq, "_rg_token", None) is not None:
         layer._chain_out = (seq._rg_token, info["zperm"], info["nlive"][1:])
@@ -688,6 +681,14 @@ def reset_executed_flops(module: nn.Module) -> None:
             m._exec_flops.zero_()
 
 
+def exec_record(nlive: Tensor, cout: int, cin: int, khkw: int, in_nlive: Optional[Tensor] = None,
+                dgrad_skip: bool = False) -> dict:
+    """What a forward that skipped GEMM work leaves in `layer._exec_record` for `record_executed`:
+    nlive[0] live output channels (of cout), in_nlive[0] live input channels (None: all cin),
+    dgrad_skip: the input gradient skipped them too; khkw: kernel positions (1 for linear)."""
+    return {"nlive": nlive, "in_nlive": in_nlive, "dgrad_skip": dgrad_skip, "cout": cout, "cin": cin, "khkw": khkw}
+
+
 def record_executed(layer, uses: int):
     """(forward, input_grad, weight_grad) executed FLOPs of the layer's last forward, as ints or 0-dim
     device tensors, or None when it ran the masked-weight path (executed = dense)."""
@@ -703,4 +704,4 @@ def record_executed(layer, uses: int):
 
 __all__ = ["EXECUTION_MODES", "set_execution", "default_execution", "resolve", "fused_support", "decide",
            "decisions", "clear_decisions", "set_decision_cache", "compaction", "live_rows", "compact_chains",
-           "executed_flops", "reset_executed_flops", "record_executed"]
+           "executed_flops", "reset_executed_flops", "exec_record", "record_executed"]

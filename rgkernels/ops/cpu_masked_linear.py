@@ -16,9 +16,11 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
+from . import masked_weight
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -66,7 +68,7 @@ class _MaskedLinearCPU(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]) if flat else x
         dy2 = dy.reshape(-1, dy.shape[-1]) if flat else dy
         if torch.is_grad_enabled():  # create_graph=True (R1 & co. differentiate the input gradient)
-            gx, gw, gt = _differentiable_backward(ctx, x, weight, dy)
+            gx, gw, gt = differentiable_grads(x, weight, ctx.threshold, dy, ctx.grad_mode_id, ctx.needs_input_grad[:3])
             gb = dy2.sum(0) if need_b and ctx.has_bias else None
             return gx, gw, gt, gb, None, None
         elif need_w or need_t:
@@ -84,27 +86,9 @@ class _MaskedLinearCPU(torch.autograd.Function):
                 None, None)
 
 
-def _differentiable_backward(ctx, x, weight, dy):
-    return differentiable_grads(x, weight, ctx.threshold, dy, ctx.grad_mode_id, ctx.needs_input_grad[:3])
-
-
 def differentiable_grads(x, weight, threshold, dy, grad_mode_id, needs):
-    """(dx, dW, dt) as a graph: the reference composition recomputed with the threshold the forward used
-    (its collapse guard already ran, so it is off here) and differentiated by autograd. Costs one extra
-    forward; only backward passes with create_graph=True take it (also for the C++ node)."""
-    from .masked_weight import masked_weight
-
-    grad_mode = {0: "dst", 1: "masked"}[grad_mode_id]
-    with torch.enable_grad():
-        y = torch.nn.functional.linear(x, masked_weight(weight, threshold, grad_mode, guard_ratio=None))
-    inputs = (x, weight, threshold)
-    wanted = [i for i in range(3) if needs[i]]
-    out = [None, None, None]
-    if wanted:
-        grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)
-        for i, g in zip(wanted, grads):
-            out[i] = g if g is not None else torch.zeros_like(inputs[i])
-    return out
+    """(dx, dW, dt) as a graph for create_graph=True backward passes (also called by the C++ node)."""
+    return masked_weight.differentiable_grads(F.linear, x, weight, threshold, dy, grad_mode_id, needs)
 
 
 _cpp_ready = False

@@ -204,3 +204,23 @@ def masked_weight_grouped(
         for j, i in enumerate(idx):
             outs[i], counts[i] = res[j], res[len(idx) + j]
     return outs, counts
+
+
+def differentiable_grads(layer_fn, x: Tensor, weight: Tensor, threshold: Tensor, dy: Tensor, grad_mode_id: int,
+                         needs: Sequence[bool]) -> List[Optional[Tensor]]:
+    """(dx, dW, dt) of `layer_fn(x, W * M)` as a graph, for the backward passes with create_graph=True
+    (a gradient penalty differentiates the input gradient again) of the fused masked-layer nodes, whose
+    own backward kernels are not differentiable: the masked_weight composition recomputed with the
+    threshold the forward used (its collapse guard already ran, so it is off here) and differentiated
+    by autograd. Costs one extra forward; only such passes take it. `needs`: which of the three."""
+    grad_mode = {v: k for k, v in GRAD_MODES.items()}[grad_mode_id]
+    with torch.enable_grad():
+        y = layer_fn(x, masked_weight(weight, threshold, grad_mode, guard_ratio=None))
+    inputs = (x, weight, threshold)
+    wanted = [i for i in range(3) if needs[i]]
+    out: List[Optional[Tensor]] = [None, None, None]
+    if wanted:
+        grads = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, grads):
+            out[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return out
