@@ -22,8 +22,10 @@
 #include <string>
 
 #include "rgkernels/masked_weight.h"
+#include "cpu/buffer_pool.h"
 #include "cpu/masked_linear_cpu.h"
 #include "cpu/masked_weight_rows.h"
+#include "cpu/ukernel_gemm.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -152,6 +154,7 @@ static pybind11::dict build_info() {
   d["torch_version"] = std::string(TORCH_VERSION);
   d["cpu_isa"] = rgkernels::cpu::active_isa();
   d["cpu_isas"] = rgkernels::cpu::supported_isas();
+  d["cpu_gemm"] = rgkernels::cpu::gemm_backend();
   return d;
 }
 
@@ -161,10 +164,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &rgkernels::cpu::active_isa,
         "instruction set of the CPU row kernels in use (avx512, avx2 or baseline)");
   m.def("cpu_isas", &rgkernels::cpu::supported_isas, "instruction sets this CPU can run, best first");
-  m.def("masked_linear_cpu", &rgkernels::cpu::masked_linear_autograd, pybind11::arg("input"),
+  m.def(
+      "masked_linear_cpu",
+      [](const at::Tensor& input, const at::Tensor& weight, const at::Tensor& threshold,
+         const std::optional<at::Tensor>& bias, int64_t grad_mode, double guard_ratio) {
+        std::vector<at::Tensor> r =
+            rgkernels::cpu::masked_linear_autograd(input, weight, threshold, bias, grad_mode, guard_ratio);
+        // Live rows as None when nothing was skipped: read here (a CPU scalar) so that Python does
+        // not pay a tensor read in every forward.
+        const bool compacted = r[3].data_ptr<int64_t>()[0] >= 0;
+        return pybind11::make_tuple(r[0], r[1], r[2], compacted ? pybind11::cast(r[3]) : pybind11::none());
+      },
+      pybind11::arg("input"),
         pybind11::arg("weight"), pybind11::arg("threshold"), pybind11::arg("bias"), pybind11::arg("grad_mode"),
         pybind11::arg("guard_ratio"),
-        "(y, W_hat, keep counts, live rows or -1) of F.linear(input, W * M, bias) as one C++ autograd node (CPU)");
+        "(y, W_hat, keep counts, live rows [1] or None) of F.linear(input, W * M, bias) as one C++ autograd node (CPU)");
   m.def(
       "_set_double_backward",
       [](pybind11::function fn) {
@@ -182,6 +196,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             });
       },
       "registers the differentiable composition used by masked_linear_cpu under create_graph=True");
+  m.def(
+      "cpu_pool_stats",
+      [] {
+        const rgkernels::cpu::PoolStats s = rgkernels::cpu::pool_stats();
+        pybind11::dict d;
+        d["cached_bytes"] = s.cached_bytes;
+        d["cached_blocks"] = s.cached_blocks;
+        d["limit_bytes"] = s.limit_bytes;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        return d;
+      },
+      "the CPU buffer pool of weight-sized kernel outputs (csrc/cpu/buffer_pool.cpp)");
+  m.def("cpu_pool_release", &rgkernels::cpu::pool_release,
+        "returns the CPU buffer pool's cached blocks to the system allocator");
+  m.def("cpu_gemm", &rgkernels::cpu::gemm_backend,
+        "GEMMs of the CPU masked linear: 'ukernel' (oneDNN micro-kernel blocks) or 'aten'");
+  m.def("cpu_gemm_reason", &rgkernels::cpu::gemm_backend_reason, "why cpu_gemm() is 'aten' ('' when not)");
+  m.def("set_cpu_gemm", &rgkernels::cpu::set_gemm_backend, pybind11::arg("name"),
+        "forces the CPU masked linear's GEMMs to 'aten' or 'ukernel' (tests, benchmarks); returns the one in use");
   m.def("set_cpu_isa", &rgkernels::cpu::set_isa, pybind11::arg("name"),
         "switches the CPU row kernels to another instruction set (tests, benchmarks); returns the "
         "one in use");

@@ -159,10 +159,24 @@ def choose(device_type: str, explicit: Optional[str] = None) -> str:
     return "reference"  # unreachable: the reference is always available
 
 
+# Per-forward reads of the RGKERNELS_* variables go straight to os.environ's own dict of encoded
+# entries where CPython has one (os.environ.get encodes the key and decodes the value: ~1 us, and
+# the masked layers ask in every forward). Changes through os.environ / monkeypatch are seen.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def env(name: str) -> Optional[str]:
+    """os.environ.get(name), cheaply."""
+    if _ENV_DATA is None:
+        return os.environ.get(name)
+    v = _ENV_DATA.get(name.encode())
+    return None if v is None else os.fsdecode(v)
+
+
 def cpu_kernels_chosen() -> bool:
     """`choose("cpu") == "cpu"`, cheaply in the common case (extension loaded, nothing forced): the
     masked layers ask once per forward."""
-    if _ext is not None and getattr(_state, "forced", None) is None and not os.environ.get("RGKERNELS_BACKEND"):
+    if _ext is not None and getattr(_state, "forced", None) is None and not env("RGKERNELS_BACKEND"):
         return True
     return choose("cpu") == "cpu"
 

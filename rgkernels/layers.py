@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from .ops import cpu_masked_linear
 from .ops.masked_weight import DEFAULT_GUARD_RATIO, _grad_mode_id, masked_weight
+from .sparse_exec import default_execution
 
 # Per-forward caches: dropped on device/dtype moves and on pickling/deepcopy, rebuilt by the next forward.
 _PER_FORWARD = ("last_counts", "_last_masked", "_mask_cache", "_pre_masked", "_last_bits", "_last_rows_shape",
@@ -124,7 +125,12 @@ class MaskedLayer:
         return stored_weight(self)
 
     def _is_reparametrised(self) -> bool:
-        return "weight_orig" in self._parameters or parametrize.is_parametrized(self, "weight")
+        # parametrize.is_parametrized(self, "weight") without its getattr (an AttributeError raised
+        # and caught inside nn.Module.__getattr__ on every unparametrised layer, every forward).
+        if "weight_orig" in self._parameters:
+            return True
+        p = self._modules.get("parametrizations")
+        return p is not None and "weight" in p
 
     def _hook_stored_weight(self) -> None:
         """Registers (once per stored parameter) the hook that masks the stored parameter's gradient."""
@@ -178,12 +184,14 @@ class MaskedLayer:
         self._last_masked = self._mask_cache = None
 
     def _sparse_forward(self, input: Tensor, **kw) -> Tensor:
-        if self.execution != "masked_weight" and self._pre_masked is None:
+        # Plain __dict__ reads: this runs in every forward of every layer (see _record).
+        d = self.__dict__
+        if d.get("_pre_masked") is None and (d.get("_execution") or default_execution()) != "masked_weight":
             from . import sparse_exec
 
             return sparse_exec.forward(self, input, **kw)
-        if self._exec_record is not None:
-            self.__dict__["_exec_record"] = None
+        if d.get("_exec_record") is not None:
+            d["_exec_record"] = None
         return self._masked_weight_forward(input, **kw)
 
     def _masked_weight_forward(self, input: Tensor, weight: Optional[Tensor] = None, **kw) -> Tensor:
@@ -193,14 +201,16 @@ class MaskedLayer:
         masked-weight backward fused into the weight-gradient GEMM."""
         if weight is None:
             weight = self.weight
-        if self._pre_masked is None and input.device.type == "cpu":
+        if input.is_cpu and self.__dict__.get("_pre_masked") is None:
             x2 = self._linear_input(input)
-            if x2 is not None and cpu_masked_linear.applies(x2, weight, self.threshold, self.bias):
+            params = self._parameters
+            threshold, bias = params["threshold"], params.get("bias")
+            if x2 is not None and cpu_masked_linear.applies(x2, weight, threshold, bias):
                 self._hook_stored_weight()
                 flat = weight.dim() != 2  # a conv's [C_out, C_in, kh, kw] weight as [C_out, K] rows
                 guard = self.guard_ratio
                 y, w_hat, counts, n_live = cpu_masked_linear.masked_linear_cpu(
-                    x2, weight.reshape(weight.shape[0], -1) if flat else weight, self.threshold, self.bias,
+                    x2, weight.reshape(weight.shape[0], -1) if flat else weight, threshold, bias,
                     _grad_mode_id(self.grad_mode), -1.0 if guard is None else float(guard))
                 self._record(w_hat.view(weight.shape) if flat else w_hat, counts)
                 if n_live is not None:  # entirely pruned rows skipped: what count_flops reports as executed

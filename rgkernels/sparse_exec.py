@@ -66,7 +66,7 @@ _env_execution: Tuple[Optional[str], str] = (None, "masked_weight")  # (raw valu
 
 
 def default_execution() -> str:
-    raw = os.environ.get("RGKERNELS_EXECUTION")
+    raw = _backend.env("RGKERNELS_EXECUTION")
     global _env_execution
     if raw != _env_execution[0]:
         mode = (raw or "").strip() or "masked_weight"

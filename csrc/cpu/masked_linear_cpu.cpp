@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -23,9 +24,11 @@
 #include <tuple>
 #include <vector>
 
+#include "buffer_pool.h"
 #include "masked_linear_cpu.h"
 #include "masked_weight_rows.h"
 #include "rgkernels/masked_weight.h"
+#include "ukernel_gemm.h"
 
 namespace rgkernels {
 namespace {
@@ -35,6 +38,67 @@ namespace {
 // (benchmarks/bench_masked_layers.py): 32K-256K elements are within noise of each other; fewer
 // and larger blocks fall out of L2, many small ones pay the GEMM call overhead.
 constexpr int64_t kBlockElems = 1 << 16;
+
+// ---- the GEMMs on the micro-kernel (float32 where ukernel_gemm.h has it) ----------------------
+//
+// The three GEMMs of the layer are run as blocks of oneDNN's micro-kernel (ukernel_gemm.cpp) in
+// the layouts the blocks need: the forward as y^T = W_hat x^T (rows of W_hat are the blocks'
+// A operand as stored, x^T is small: [K, batch]), the input gradient as dy W_hat (no copy), the
+// weight gradient as dy^T x by blocks of output rows, each block consumed by the masked-weight
+// backward while in L1/L2. Every block is computed by one thread: results do not depend on the
+// number of threads.
+
+// Not under a Python dispatch mode (FlopCounterMode, debugging modes): those see ATen ops only, so
+// there the node runs ATen's GEMMs and the mode sees (and counts) them.
+bool use_ukernel(const at::Tensor& weight) {
+  return weight.scalar_type() == at::kFloat && cpu::ukernel_enabled() &&
+         c10::impl::TorchDispatchModeTLS::stack_len() == 0;
+}
+
+// Output rows per block of the forward / weight-gradient GEMMs: a [rows, K] block of about 64 KB.
+int64_t ukernel_rows(int64_t K) { return std::max<int64_t>(4, std::min<int64_t>(64, (1 << 14) / std::max<int64_t>(K, 1))); }
+
+// y [B, O] = x [B, K] w^T + bias, w [O, K] contiguous float32; bias may be undefined.
+at::Tensor ukernel_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  const int64_t B = x.size(0), K = x.size(1), O = w.size(0);
+  const at::Tensor xt = x.t().contiguous();  // [K, B]
+  at::Tensor yt = at::empty({O, B}, x.options());
+  const float* wp = w.data_ptr<float>();
+  const float* xp = xt.data_ptr<float>();
+  float* yp = yt.data_ptr<float>();
+  const int64_t R = ukernel_rows(K);
+  at::parallel_for(0, (O + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * R, rb = std::min(R, O - r0);
+      cpu::gemm_f32(rb, B, K, wp + r0 * K, K, xp, B, yp + r0 * B, B, false);
+    }
+    cpu::gemm_release();
+  });
+  at::Tensor y = at::empty({B, O}, x.options());
+  y.copy_(yt.t());
+  if (bias.defined()) y.add_(bias);
+  return y;
+}
+
+// dx [B, K] = dy [B, O] w [O, K], both contiguous float32.
+at::Tensor ukernel_input_grad(const at::Tensor& dy, const at::Tensor& w) {
+  const int64_t B = dy.size(0), O = dy.size(1), K = w.size(1);
+  at::Tensor dx = at::empty({B, K}, dy.options());
+  const float* dyp = dy.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  constexpr int64_t kCols = 64;  // columns of dx per task
+  at::parallel_for(0, (K + kCols - 1) / kCols, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t c0 = b0 * kCols, c1 = std::min(K, b1 * kCols);
+    cpu::gemm_f32(B, c1 - c0, O, dyp, O, wp + c0, K, dxp + c0, K, false);
+    cpu::gemm_release();
+  });
+  return dx;
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,
+                                                     const at::Tensor& weight, const at::Tensor& threshold,
+                                                     int64_t grad_mode);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
@@ -60,28 +124,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_bwd_cpu
 
   at::Tensor grad_input = input_grad ? at::mm(grad_out, w_hat) : at::empty({0}, input.options());
   at::Tensor grad_bias = bias_grad ? grad_out.sum(0) : at::empty({0}, input.options());
-  at::Tensor grad_weight = at::empty({O, K}, weight.options());
+  auto [grad_weight, grad_threshold] = fused_weight_grad(grad_out, input, weight, threshold, grad_mode);
+  return {grad_input, grad_weight, grad_threshold, grad_bias};
+}
+
+// (dL/dW, dL/dt): the weight-gradient GEMM dy^T x, block by block, each block fed to the
+// masked-weight backward while in cache. Inputs checked by the caller.
+std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,
+                                                     const at::Tensor& weight, const at::Tensor& threshold,
+                                                     int64_t grad_mode) {
+  const int64_t K = input.size(1), O = weight.size(0);
+  at::Tensor grad_weight = cpu::pooled_empty({O, K}, weight.options());
   at::Tensor grad_threshold = at::empty({O}, threshold.options());
   if (O == 0 || K == 0) {
     grad_threshold.zero_();
-    return {grad_input, grad_weight, grad_threshold, grad_bias};
+    return {grad_weight, grad_threshold};
+  }
+  const bool dst = grad_mode == kGradModeDst;
+  if (use_ukernel(weight)) {
+    const int64_t B = input.size(0), R = ukernel_rows(K);
+    const at::Tensor dyt = grad_out.t().contiguous();  // [O, B]: the blocks' A operand
+    const at::Tensor xc = input.contiguous();
+    const float* dyp = dyt.data_ptr<float>();
+    const float* xp = xc.data_ptr<float>();
+    const float* wp = weight.data_ptr<float>();
+    float* gwp = grad_weight.data_ptr<float>();
+    at::parallel_for(0, (O + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> g(static_cast<size_t>(R * K));  // one block of dL/dW_hat, in L1/L2
+      std::vector<double> scratch(static_cast<size_t>(K));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * R, rb = std::min(R, O - r0);
+        cpu::gemm_f32(rb, K, B, dyp + r0 * B, B, xp, K, g.data(), K, false);
+        const cpu::BwdLayer L{g.data(), wp + r0 * weight.stride(0), threshold.data_ptr<float>() + r0 * threshold.stride(0),
+                              gwp + r0 * K, grad_threshold.data_ptr<float>() + r0, rb, K, K, 1,
+                              weight.stride(0), weight.stride(1), threshold.stride(0), K, at::kFloat};
+        cpu::bwd_rows(L, 0, rb, dst, scratch.data());
+      }
+      cpu::gemm_release();
+    });
+    return {grad_weight, grad_threshold};
   }
 
   const int64_t rows_per_block = std::max<int64_t>(1, std::min<int64_t>(O, kBlockElems / K));
-  at::Tensor g = at::empty({rows_per_block, K}, weight.options());
+  at::Tensor g = cpu::pooled_empty({rows_per_block, K}, weight.options());
   // Scratch of the row kernel (the products g * W * H'(x)), one row per thread.
   const int64_t nthreads = at::get_num_threads();
   std::vector<double> scratch(static_cast<size_t>(nthreads * K));
   const at::Tensor dyt = grad_out.t();  // [O, B]
-  const bool dst = grad_mode == kGradModeDst;
   char* gw_base = static_cast<char*>(grad_weight.data_ptr());
   const char* w_base = static_cast<const char*>(weight.data_ptr());
   const int64_t esize = weight.element_size();
 
   for (int64_t r0 = 0; r0 < O; r0 += rows_per_block) {
     const int64_t rb = std::min(rows_per_block, O - r0);
-    at::Tensor gb = g.narrow(0, 0, rb);
-    at::mm_out(gb, dyt.narrow(0, r0, rb), input);  // dL/dW_hat for rows [r0, r0 + rb)
+    // dL/dW_hat for rows [r0, r0 + rb) (no narrow views when one block holds the layer: on small
+    // layers every dispatcher call is a visible share of the step)
+    const bool whole = rb == O && rb == rows_per_block;
+    at::Tensor gb = whole ? g : g.narrow(0, 0, rb);
+    at::mm_out(gb, whole ? dyt : dyt.narrow(0, r0, rb), input);
     const cpu::BwdLayer L{gb.data_ptr(),
                           w_base + r0 * weight.stride(0) * esize,
                           threshold.data_ptr<float>() + r0 * threshold.stride(0),
@@ -103,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_bwd_cpu
       cpu::bwd_rows(L, b, e, dst, scratch.data() + std::min(tid, nthreads - 1) * K);
     });
   }
-  return {grad_input, grad_weight, grad_threshold, grad_bias};
+  return {grad_weight, grad_threshold};
 }
 
 // ---- the autograd node ----------------------------------------------------------------------
@@ -136,6 +236,18 @@ std::tuple<at::Tensor, at::Tensor> call_masked_weight_fwd(const at::Tensor& w, c
 // weight-gradient GEMM stays dense (the threshold gradient needs g at every entry).
 constexpr int64_t kCompactMinDeadInv = 8;  // compact when dead rows >= 1/8 of the rows
 
+// y = x w^T (+ bias) and dx = dy w for w = W_hat or its live rows ([n, K], contiguous): on the
+// micro-kernel where use_ukernel says so, else ATen's GEMMs.
+at::Tensor linear_gemm(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& bias) {
+  if (use_ukernel(w)) return ukernel_linear(x2, w, bias);
+  return bias.defined() ? at::addmm(bias, x2, w.t()) : at::mm(x2, w.t());
+}
+
+at::Tensor input_grad_gemm(const at::Tensor& dy2, const at::Tensor& w) {
+  if (use_ukernel(w)) return ukernel_input_grad(dy2.contiguous(), w);
+  return dy2.mm(w);
+}
+
 class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -157,12 +269,10 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
       // Dead output channels are the bias (or 0): their W_hat rows are zero.
       y = has_bias ? bias->unsqueeze(0).expand({x2.size(0), O}).contiguous() : at::zeros({x2.size(0), O}, x.options());
       if (live.numel() > 0) {
-        const at::Tensor y_live = has_bias ? at::addmm(bias->index_select(0, live), x2, w_live.t())
-                                           : at::mm(x2, w_live.t());
-        y.index_copy_(1, live, y_live);
+        y.index_copy_(1, live, linear_gemm(x2, w_live, has_bias ? bias->index_select(0, live) : at::Tensor()));
       }
     } else {
-      y = has_bias ? at::addmm(*bias, x2, w_hat.t()) : at::mm(x2, w_hat.t());
+      y = linear_gemm(x2, w_hat, has_bias ? *bias : at::Tensor());
     }
     if (flat) {
       std::vector<int64_t> shape = x.sizes().vec();
@@ -212,16 +322,16 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
     if (need_x) {
       at::Tensor gx;
       if (!compact) {
-        gx = dy2.mm(w_hat);
+        gx = input_grad_gemm(dy2, w_hat);
       } else {
         const at::Tensor live = ctx->saved_data["live"].toTensor();
-        gx = live.numel() > 0 ? dy2.index_select(1, live).mm(ctx->saved_data["w_live"].toTensor())
+        gx = live.numel() > 0 ? input_grad_gemm(dy2.index_select(1, live), ctx->saved_data["w_live"].toTensor())
                               : at::zeros({dy2.size(0), x2.size(1)}, dy2.options());
       }
       out[0] = flat ? gx.view(x.sizes()) : gx;
     }
     if (need_w || need_t) {
-      auto [gx_, gw, gt, gb] = masked_linear_bwd_cpu(dy2, x2, weight, w_hat, threshold, grad_mode, false, false);
+      auto [gw, gt] = fused_weight_grad(dy2, x2, weight, threshold, grad_mode);
       if (need_w) out[1] = gw;
       if (need_t) out[2] = gt;
     }

@@ -22,6 +22,7 @@
 #include <omp.h>
 #endif
 
+#include "buffer_pool.h"
 #include "masked_weight_rows.h"
 #include "rgkernels/masked_weight.h"
 
@@ -131,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_fwd_cpu(const at::Tensor& weigh
   check_cpu(weight, "weight", op);
   check_dtype(weight, op);
   check_cols(weight, op);
-  at::Tensor out = at::empty({weight.size(0), weight.size(1)}, weight.options());
+  at::Tensor out = cpu::pooled_empty({weight.size(0), weight.size(1)}, weight.options());
   at::Tensor counts = at::empty({weight.size(0)}, weight.options().dtype(at::kInt));
   std::vector<cpu::FwdLayer> layers{
       make_fwd_layer(weight, threshold, out.data_ptr(), counts.data_ptr<int32_t>())};
@@ -151,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_grouped_fwd_cpu(at::TensorList 
         check_cols(w, name);
       });
   const size_t n = weights.size();
-  at::Tensor out = at::empty({size.numel}, weights[0].options());
+  at::Tensor out = cpu::pooled_empty({size.numel}, weights[0].options());
   at::Tensor counts = at::empty({size.rows}, weights[0].options().dtype(at::kInt));
   const int64_t esize = static_cast<int64_t>(out.element_size());
   char* out_base = static_cast<char*>(out.data_ptr());
@@ -195,7 +196,7 @@ void bwd_layers(const std::vector<cpu::BwdLayer>& layers, int64_t grad_mode) {
 cpu::BwdLayer make_bwd_layer(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& threshold,
                         at::Tensor& gw, at::Tensor& gt) {
   const int64_t C = weight.size(0), K = weight.size(1);
-  gw = at::empty({C, K}, weight.options());
+  gw = cpu::pooled_empty({C, K}, weight.options());
   gt = at::empty({C}, threshold.options());
   return cpu::BwdLayer{grad.data_ptr(),  weight.data_ptr(), threshold.data_ptr<float>(),
                   gw.data_ptr(),    gt.data_ptr<float>(), C,

@@ -97,6 +97,8 @@ _cpp_ready = False
 def _cpp_node():
     """The C++ autograd node of `rgkernels._C` (None without it), its double backward registered."""
     global _cpp_ready
+    if _cpp_ready:
+        return _backend.extension().masked_linear_cpu
     ext = _backend.extension()
     if ext is None or not hasattr(ext, "masked_linear_cpu"):
         return None
@@ -125,8 +127,7 @@ def masked_linear_cpu(x: Tensor, weight: Tensor, threshold: Tensor, bias: Option
     if impl != "python" and not torch.compiler.is_compiling():
         node = _cpp_node()
         if node is not None:
-            y, w_hat, counts, n_live = node(x, weight, threshold, bias, grad_mode_id, guard_ratio)
-            return y, w_hat, counts, (n_live if int(n_live[0]) >= 0 else None)
+            return node(x, weight, threshold, bias, grad_mode_id, guard_ratio)
         if impl == "cpp":
             raise RuntimeError("masked_linear_cpu: the C++ node needs the compiled extension")
     return (*_MaskedLinearCPU.apply(x, weight, threshold, bias, grad_mode_id, guard_ratio), None)
