@@ -15,6 +15,16 @@ if _backend.extension() is not None:
 
 from .ops.masked_weight import masked_weight, masked_weight_grouped
 
+
+def empty_cpu_cache() -> None:
+    """Returns the memory that the compiled CPU kernels keep for reuse (weight-sized outputs: masked
+    weights, weight gradients; csrc/cpu/buffer_pool.cpp, capped by RGKERNELS_CPU_POOL_MB) to the system,
+    like torch.cuda.empty_cache(). Tensors in use are not affected."""
+    ext = _backend.extension()
+    if ext is not None:
+        ext.cpu_pool_release()
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -22,6 +32,7 @@ __all__ = [
     "masked_weight_grouped",
     "use_backend",
     "RGKernelsWarning",
+    "empty_cpu_cache",
 ]
 
 # ---- masked layers, conversion, FLOP accounting (below this line) ----------------------------

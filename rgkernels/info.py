@@ -42,6 +42,7 @@ def collect() -> Dict:
     except Exception as exc:  # not installed, or broken
         triton_version = f"unavailable ({type(exc).__name__})"
     cuda_ok = torch.cuda.is_available()
+    ext = _backend.extension()
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -55,6 +56,8 @@ def collect() -> Dict:
             "loaded": _backend.extension() is not None,
             "error": _backend.extension_error(),
             "build": _backend.build_info(),
+            "cpu_gemm_reason": ext.cpu_gemm_reason() if ext is not None else None,
+            "cpu_pool": dict(ext.cpu_pool_stats()) if ext is not None else None,
         },
         "ops": {},
     }
@@ -92,6 +95,14 @@ def main(argv=None) -> int:
         if b.get("cpu_isa"):
             print(f"cpu kernels   {b['cpu_isa']} variant in use (this CPU runs: {', '.join(b.get('cpu_isas', []))}; "
                   f"RGKERNELS_CPU_ISA picks another)")
+        if b.get("cpu_gemm"):
+            why = ext.get("cpu_gemm_reason")
+            print(f"cpu gemm      masked linear GEMMs on {b['cpu_gemm']}"
+                  + (f" ({why})" if why else " (oneDNN BRGeMM micro-kernel; RGKERNELS_CPU_GEMM=aten for ATen's)"))
+        pool = ext.get("cpu_pool")
+        if pool:
+            print(f"cpu pool      {pool['cached_bytes'] / 2**20:.1f} MB cached of {pool['limit_bytes'] / 2**20:.0f} MB "
+                  f"(RGKERNELS_CPU_POOL_MB), {pool['hits']} reuses, {pool['misses']} allocations")
     else:
         print(f"extension     NOT loaded: {ext['error']}")
     print()

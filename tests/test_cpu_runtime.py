@@ -1,0 +1,135 @@
+"""Run-time machinery of the compiled CPU kernels: the buffer pool of weight-sized outputs
+(csrc/cpu/buffer_pool.cpp) and the choice of GEMM for the CPU masked linear (csrc/cpu/ukernel_gemm.cpp).
+Settings read from the environment are tested in subprocesses, so that this process keeps its own."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rgkernels
+from rgkernels import _backend
+
+from conftest import cpu_gemm, cpu_gemms
+
+pytestmark = pytest.mark.skipif(_backend.extension() is None, reason="compiled extension unavailable")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, **env})
+
+
+def _step(layer, x):
+    layer(x).square().sum().backward()
+
+
+def _stats():
+    return dict(_backend.extension().cpu_pool_stats())
+
+
+# ---- buffer pool ----------------------------------------------------------------------------------
+
+def test_pool_reuses_weight_sized_blocks_across_steps():
+    layer = rgkernels.MaskedLinear(512, 256)  # 512 KB weight: pooled (>= 256 KB)
+    x = torch.randn(8, 512)
+    _step(layer, x)
+    layer.weight.grad = layer.threshold.grad = layer.bias.grad = None
+    before = _stats()
+    _step(layer, x)
+    after = _stats()
+    # W_hat of the second forward, its weight gradient (and the GEMM block buffer on the ATen path)
+    # come from blocks the first step freed.
+    assert after["hits"] - before["hits"] >= 2, (before, after)
+    assert after["cached_bytes"] <= after["limit_bytes"]
+
+
+def test_pool_never_hands_out_a_block_in_use():
+    layer = rgkernels.MaskedLinear(512, 256)
+    layer.threshold.data.fill_(0.02)
+    x1, x2 = torch.randn(8, 512), torch.randn(8, 512)
+    _step(layer, x1)
+    held = layer.weight.grad  # kept by the user: its block must not be reused
+    expect = held.clone()
+    w_hat_1 = layer._last_masked
+    w_hat_1_copy = w_hat_1.clone()
+    layer.weight.grad = None
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # a different W_hat and gradient in the next step
+    _step(layer, x2)
+    assert torch.equal(held, expect)
+    assert torch.equal(w_hat_1, w_hat_1_copy)
+    assert not torch.equal(layer.weight.grad, expect)
+
+
+def test_empty_cpu_cache_releases_the_cached_blocks():
+    layer = rgkernels.MaskedLinear(512, 256)
+    _step(layer, torch.randn(4, 512))
+    del layer
+    assert _stats()["cached_bytes"] > 0
+    rgkernels.empty_cpu_cache()
+    s = _stats()
+    assert s["cached_bytes"] == 0 and s["cached_blocks"] == 0
+
+
+def test_pool_can_be_turned_off_and_rejects_a_bad_size():
+    code = ("import torch, rgkernels; l = rgkernels.MaskedLinear(512, 256); x = torch.randn(4, 512)\n"
+            "for _ in range(3):\n    l(x).sum().backward(); l.weight.grad = None\n"
+            "s = rgkernels._C.cpu_pool_stats(); print(s['limit_bytes'], s['hits'], s['cached_bytes'])")
+    r = _run(code, RGKERNELS_CPU_POOL_MB="0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "0", "0"]
+    r = _run(code, RGKERNELS_CPU_POOL_MB="lots")
+    assert r.returncode != 0 and "RGKERNELS_CPU_POOL_MB" in r.stderr and "'lots'" in r.stderr
+
+
+# ---- GEMM choice --------------------------------------------------------------------------------
+
+def test_gemm_choice_from_the_environment():
+    ext = _backend.extension()
+    code = "import rgkernels; print(rgkernels._C.cpu_gemm(), '|', rgkernels._C.cpu_gemm_reason())"
+    r = _run(code, RGKERNELS_CPU_GEMM="aten")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("|")[0].strip() == "aten" and "RGKERNELS_CPU_GEMM=aten" in r.stdout
+    r = _run(code, RGKERNELS_CPU_GEMM="")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("|")[0].strip() == cpu_gemms()[0]
+    r = _run("import torch, rgkernels; l = rgkernels.MaskedLinear(4, 3); l(torch.randn(2, 4))",
+             RGKERNELS_CPU_GEMM="mkl")
+    assert r.returncode != 0 and "RGKERNELS_CPU_GEMM" in r.stderr and "'mkl'" in r.stderr
+    with pytest.raises(RuntimeError, match="'aten' or 'ukernel'"):
+        ext.set_cpu_gemm("mkl")
+
+
+@pytest.mark.skipif("ukernel" not in cpu_gemms(), reason="no oneDNN micro-kernel on this CPU / build")
+@pytest.mark.parametrize("b,k,o", [(1, 1, 1), (3, 5, 7), (64, 300, 129), (130, 65, 70), (2, 1000, 3)])
+def test_micro_kernel_and_aten_gemms_agree(b, k, o):
+    """Same layer, same masked weight, the two GEMM paths: equal up to float32 GEMM rounding (float64 is
+    the reference in test_cpu_masked_linear; here the block edges of the micro-kernel path)."""
+    torch.manual_seed(0)
+    layer = rgkernels.MaskedLinear(k, o)
+    layer.threshold.data.uniform_(-0.01, 0.3 / k ** 0.5)
+    x = torch.randn(b, k)
+    out = {}
+    for gemm in ("ukernel", "aten"):
+        xg = x.clone().requires_grad_()
+        with cpu_gemm(gemm):
+            y = layer(xg)
+            y.backward(torch.ones_like(y))
+        out[gemm] = [y.detach(), xg.grad, layer.weight.grad.clone(), layer.threshold.grad.clone()]
+        layer.weight.grad = layer.threshold.grad = layer.bias.grad = None
+    for got, want in zip(out["ukernel"], out["aten"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+def test_dispatch_modes_see_aten_gemms():
+    """Under a Python dispatch mode (FlopCounterMode) the node runs ATen's GEMMs, so the mode sees them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = rgkernels.MaskedLinear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        layer(x).sum().backward()
+    assert fc.get_total_flops() == 3 * 2 * 4 * 16 * 8  # forward, input gradient, weight gradient
