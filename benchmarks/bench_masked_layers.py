@@ -206,3 +206,66 @@ def test_masked_layer_cpu_ratio(benchmark, case, sparsity):
                                 input=list(case[4]), threads=torch.get_num_threads(), dtype=str(DTYPE),
                                 dense_median_s=med["dense"], masked_median_s=med["masked"],
                                 ratio=med["masked"] / med["dense"], rounds=len(times["dense"]))
+
+
+def _gemm_path_params():
+    out = []
+    for p in _paired_params():
+        case, sparsity = p.values
+        one_position = case[2] == "conv" and tuple(case[3][2:]) == tuple(case[4][2:]) and case[6] == 0
+        if (case[2] == "linear" or one_position) and sparsity in ("keep1.0", "keep0.5", "rows50"):
+            out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("case,sparsity", _gemm_path_params())
+def test_cpu_masked_linear_gemm_paths(benchmark, case, sparsity):
+    """Where the CPU masked linear's saving comes from: dense nn layer, masked layer on the oneDNN
+    micro-kernel GEMMs (the default) and masked layer on ATen's GEMMs (RGKERNELS_CPU_GEMM=aten), timed in
+    the same rounds. extra_info: ratio_ukernel, ratio_aten (masked / dense medians)."""
+    import time
+
+    ext = rgkernels._backend.extension()
+    if ext is None or ext.cpu_gemm_reason() not in ("", "RGKERNELS_CPU_GEMM=aten"):
+        pytest.skip("no oneDNN micro-kernel here")
+    torch.set_num_threads(int(os.environ.get("RGKERNELS_BENCH_THREADS", "1")))
+    dense = _layer(case, "cpu", "dense", "-", DTYPE)
+    masked = _layer(case, "cpu", "masked", sparsity, DTYPE)
+    masked.execution = "masked_weight"
+    x = torch.randn(case[4], dtype=DTYPE, requires_grad=True)
+    with torch.no_grad():
+        g = torch.ones_like(dense(x)).normal_()
+    before = ext.cpu_gemm()
+
+    def step(layer, gemm=None):
+        if gemm is not None:
+            ext.set_cpu_gemm(gemm)
+        t0 = time.thread_time()
+        y = layer(x)
+        y.backward(g)
+        dt = time.thread_time() - t0
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        return dt
+
+    times = {"dense": [], "ukernel": [], "aten": []}
+    order = [("dense", dense, None), ("ukernel", masked, "ukernel"), ("aten", masked, "aten")]
+
+    def rounds():
+        k = len(times["dense"]) % 3
+        for name, layer, gemm in order[k:] + order[:k]:  # rotate which goes first
+            times[name].append(step(layer, gemm))
+
+    try:
+        for name, layer, gemm in order:
+            step(layer, gemm)  # warm-up
+        benchmark.pedantic(rounds, rounds=PAIRED_ROUNDS, warmup_rounds=1)
+    finally:
+        ext.set_cpu_gemm(before)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    benchmark.extra_info.update(model=case[0], layer=case[1], device="cpu", sparsity=sparsity,
+                                weight=list(case[3]), input=list(case[4]), threads=torch.get_num_threads(),
+                                dtype=str(DTYPE), dense_median_s=med["dense"], ukernel_median_s=med["ukernel"],
+                                aten_median_s=med["aten"], ratio_ukernel=med["ukernel"] / med["dense"],
+                                ratio_aten=med["aten"] / med["dense"], rounds=len(times["dense"]))
