@@ -28,10 +28,22 @@ namespace {
 // next to the C block); the micro-kernel keeps its own register tiling inside a block.
 constexpr int64_t kMb = 64, kNb = 64, kKb = 256;
 
+// PyTorch releases that declare a float32 BRGeMM define this macro; with older ones the file
+// builds without the micro-kernel path (gemm_backend() then says why).
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+constexpr bool kHaveBrgemmF32 = true;
 void brgemm_block(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                   float* C, int64_t ldc, bool add) {
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
 }
+void release_block() { at::native::cpublas::brgemm_release(false); }
+#else
+constexpr bool kHaveBrgemmF32 = false;
+void brgemm_block(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {
+  TORCH_CHECK(false, "this PyTorch has no float32 BRGeMM (at::native::cpublas::brgemm)");
+}
+void release_block() {}
+#endif
 
 struct Probe {
   bool ok = false;
@@ -41,6 +53,10 @@ struct Probe {
 // One small product (odd sizes, every blocking path) against a plain loop in double.
 Probe probe() {
   Probe p;
+  if (!kHaveBrgemmF32) {
+    p.why = "this PyTorch has no float32 BRGeMM (at::native::cpublas::brgemm)";
+    return p;
+  }
 #if defined(__x86_64__) || defined(_M_X64)
   try {
     const int64_t M = 67, N = 70, K = 300;
@@ -58,7 +74,7 @@ Probe probe() {
         }
       }
     }
-    at::native::cpublas::brgemm_release(false);
+    release_block();
     for (int64_t i = 0; i < M; ++i) {
       for (int64_t j = 0; j < N; ++j) {
         double ref = 0;
@@ -145,7 +161,7 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
   }
 }
 
-void gemm_release() { at::native::cpublas::brgemm_release(false); }
+void gemm_release() { release_block(); }
 
 }  // namespace cpu
 }  // namespace rgkernels
