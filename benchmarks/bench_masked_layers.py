@@ -170,11 +170,9 @@ def _paired_params():
     return out
 
 
-@pytest.mark.parametrize("case,sparsity", _paired_params())
-def test_masked_layer_cpu_ratio(benchmark, case, sparsity):
-    """Dense and masked (sparse mode, default execution) step times measured in the same rounds."""
-    import time
-
+def _paired_setup(case, sparsity):
+    """(dense layer, masked layer in sparse mode, step(layer)) for the paired CPU benchmarks; step runs a
+    forward and backward on one fixed input and output gradient and clears the gradients."""
     torch.set_num_threads(int(os.environ.get("RGKERNELS_BENCH_THREADS", "1")))
     dense = _layer(case, "cpu", "dense", "-", DTYPE)
     masked = _layer(case, "cpu", "masked", sparsity, DTYPE)
@@ -189,6 +187,16 @@ def test_masked_layer_cpu_ratio(benchmark, case, sparsity):
         x.grad = None
         for p in layer.parameters():
             p.grad = None
+
+    return dense, masked, step
+
+
+@pytest.mark.parametrize("case,sparsity", _paired_params())
+def test_masked_layer_cpu_ratio(benchmark, case, sparsity):
+    """Dense and masked (sparse mode, default execution) step times measured in the same rounds."""
+    import time
+
+    dense, masked, step = _paired_setup(case, sparsity)
 
     times = {"dense": [], "masked": []}
 
@@ -228,26 +236,15 @@ def test_cpu_masked_linear_gemm_paths(benchmark, case, sparsity):
     ext = rgkernels._backend.extension()
     if ext is None or ext.cpu_gemm_reason() not in ("", "RGKERNELS_CPU_GEMM=aten"):
         pytest.skip("no oneDNN micro-kernel here")
-    torch.set_num_threads(int(os.environ.get("RGKERNELS_BENCH_THREADS", "1")))
-    dense = _layer(case, "cpu", "dense", "-", DTYPE)
-    masked = _layer(case, "cpu", "masked", sparsity, DTYPE)
-    masked.execution = "masked_weight"
-    x = torch.randn(case[4], dtype=DTYPE, requires_grad=True)
-    with torch.no_grad():
-        g = torch.ones_like(dense(x)).normal_()
+    dense, masked, run = _paired_setup(case, sparsity)
     before = ext.cpu_gemm()
 
     def step(layer, gemm=None):
         if gemm is not None:
             ext.set_cpu_gemm(gemm)
         t0 = time.thread_time()
-        y = layer(x)
-        y.backward(g)
-        dt = time.thread_time() - t0
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        return dt
+        run(layer)
+        return time.thread_time() - t0
 
     times = {"dense": [], "ukernel": [], "aten": []}
     order = [("dense", dense, None), ("ukernel", masked, "ukernel"), ("aten", masked, "aten")]

@@ -29,20 +29,30 @@ def _seed():
 
 
 @contextlib.contextmanager
-def cpu_gemm(name):
-    """Runs the CPU masked linear's GEMMs on "aten" or "ukernel" (rgkernels._C.set_cpu_gemm) inside."""
+def _extension_setting(getter, setter, value):
+    """Sets one run-time switch of rgkernels._C (e.g. set_cpu_gemm) inside, restores it after."""
     from rgkernels import _backend
 
     ext = _backend.extension()
     if ext is None:
         yield
         return
-    before = ext.cpu_gemm()
-    ext.set_cpu_gemm(name)
+    before = getattr(ext, getter)()
+    getattr(ext, setter)(value)
     try:
         yield
     finally:
-        ext.set_cpu_gemm(before)
+        getattr(ext, setter)(before)
+
+
+def cpu_gemm(name):
+    """Runs the CPU masked linear's GEMMs on "aten" or "ukernel" inside."""
+    return _extension_setting("cpu_gemm", "set_cpu_gemm", name)
+
+
+def cpu_isa(name):
+    """Runs the CPU row kernels' instruction-set variant `name` inside."""
+    return _extension_setting("cpu_isa", "set_cpu_isa", name)
 
 
 def cpu_gemms():

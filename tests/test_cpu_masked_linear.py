@@ -14,7 +14,7 @@ import rgkernels
 from rgkernels import _backend
 from rgkernels.ops import cpu_masked_linear
 
-from conftest import cpu_gemms
+from conftest import cpu_gemm, cpu_gemms, cpu_isa as isa
 from test_masked_weight import ref64, rel_err
 
 pytestmark = pytest.mark.skipif(_backend.extension() is None, reason="compiled extension unavailable")
@@ -48,11 +48,8 @@ def impl(request, monkeypatch):
     real = cpu_masked_linear.masked_linear_cpu
     node = "python" if request.param == "python" else "cpp"
     monkeypatch.setattr(cpu_masked_linear, "masked_linear_cpu", lambda *a, **k: real(*a, **{"impl": node, **k}))
-    ext = _backend.extension()
-    before = ext.cpu_gemm()
-    ext.set_cpu_gemm("aten" if request.param == "cpp-aten" else cpu_gemms()[0])
-    yield request.param
-    ext.set_cpu_gemm(before)
+    with cpu_gemm("aten" if request.param == "cpp-aten" else cpu_gemms()[0]):
+        yield request.param
 
 
 def run_fused(x, w, t, b, dy, mode="dst", guard=0.01):
@@ -287,17 +284,6 @@ def test_torch_compile_masked_linear():
 
 
 # ---- instruction-set variants of the row kernels ------------------------------------------------
-
-@contextlib.contextmanager
-def isa(name):
-    ext = _backend.extension()
-    old = ext.cpu_isa()
-    ext.set_cpu_isa(name)
-    try:
-        yield
-    finally:
-        ext.set_cpu_isa(old)
-
 
 def test_isa_list_and_switch():
     ext = _backend.extension()
