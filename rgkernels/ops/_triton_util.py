@@ -1,7 +1,10 @@
 """Shared plumbing of the sparse-execution Triton kernels (triton_mask_stats, triton_masked_linear,
 triton_masked_conv): lazy JIT (so TRITON_INTERPRET is read at first use), device checks, the
-tl.dot precision rule, block-size helpers, and the small @triton.jit helpers every kernel uses
-(the mask prologue and the weight-gradient epilogue of DESIGN.md §2).
+tl.dot precision rule, block-size helpers, the argument checks and partial-sum reduction both GEMM
+modules share, and the small @triton.jit helpers the linear and implicit-GEMM conv kernels use, so
+each piece of tile math is written once: the mask prologue and the weight-gradient epilogue of
+DESIGN.md §2, the in_perm compaction lookups and the tile swizzle. The kernels keep their own index
+math (rows / columns of a linear layer vs im2col addresses).
 
 The helpers are plain functions here; each kernel module copies them into its own globals and
 `triton.jit`s them together with its kernels (a kernel finds its helpers through its module's
@@ -136,9 +139,35 @@ def check_index(t, n: int, name: str, op: str) -> None:
         raise ValueError(f"{op}: {name} must be int32 with at least {n} entries, got {t.dtype} {tuple(t.shape)}")
 
 
+def check_compaction(in_perm, in_nlive, n_in: int, op: str) -> bool:
+    """Checks the optional input-channel compaction (`in_perm` over `n_in` input channels, and
+    `in_nlive`) of a GEMM op; returns whether it is given (the kernels' K_COMPACT)."""
+    if (in_perm is None) != (in_nlive is None):
+        raise ValueError(f"{op}: in_perm and in_nlive go together")
+    if in_perm is None:
+        return False
+    check_index(in_perm, n_in, "in_perm", op)
+    check_index(in_nlive, 1, "in_nlive", op)
+    return True
+
+
+def sum_partials(gtp, cntp):
+    """(grad_threshold, counts) from a weight-gradient kernel's [column tiles, C] partial sums:
+    summed in a fixed order afterwards (deterministic, no atomics); one tile is the result itself."""
+    if gtp.shape[0] == 1:
+        return gtp[0], cntp[0]
+    return gtp.sum(0), cntp.sum(0, dtype=torch.int32)
+
+
 # =============================================================================================
 # @triton.jit helpers (plain functions; each kernel module jits its own copies)
 # =============================================================================================
+
+# The calls are inlined (same TTIR as the code written out), but with line info, Triton's default,
+# each inlined call leaves labels in the PTX that can change ptxas's instruction scheduling. When
+# _compact_count / _compact_index replaced their inline copies, the sm_90 SASS of the linear and conv
+# GEMM kernels stayed identical (120 launch configurations); a helper for the two-line executed-FLOP
+# counter changed the schedule of some, so that counter stays written out in each kernel.
 
 if triton is not None:
 
@@ -171,6 +200,23 @@ if triton is not None:
             gw = m * g
         return gw, -gt_part, tl.sum(keep.to(tl.int32), axis=1)
 
+    def _compact_count(KNL, n, K_COMPACT: tl.constexpr):
+        """How many input channels a kernel reduces over / produces: in_nlive[0] with compaction
+        (read on the device: no host sync), else all n."""
+        if K_COMPACT:
+            n = tl.load(KNL)
+        return n
+
+    def _compact_index(KPERM, pos, mask, K_COMPACT: tl.constexpr):
+        """Input channel (int32) at each position `pos` of the compacted order: in_perm[pos] with
+        compaction (lanes off `mask` read channel 0), else pos itself. Callers widen it to int64
+        for addressing where they need it (the conv forward does so at each use)."""
+        if K_COMPACT:
+            ch = tl.load(KPERM + pos, mask=mask, other=0)
+        else:
+            ch = pos
+        return ch
+
     def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
         """Program id -> (tile m, tile n), GROUP_M row tiles at a time (L2 reuse of the n operand)."""
         width = GROUP_M * num_n
@@ -184,6 +230,8 @@ if triton is not None:
     HELPERS: Dict[str, Callable] = {
         "_mask_prologue": _mask_prologue,
         "_wgrad_epilogue": _wgrad_epilogue,
+        "_compact_count": _compact_count,
+        "_compact_index": _compact_index,
         "_swizzle": _swizzle,
     }
 else:  # pragma: no cover

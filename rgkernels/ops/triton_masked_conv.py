@@ -57,11 +57,7 @@ if triton is not None:
         M = NB * OH * OW
         pid_m, pid_n = _swizzle(pid, tl.cdiv(M, BM), tl.cdiv(CO, BN), GROUP_M)
         nlive = tl.load(NL)
-        if K_COMPACT:
-            kch = tl.load(KNL)
-        else:
-            kch = CI
-        klen = kch * (KH * KW)
+        klen = _compact_count(KNL, CI, K_COMPACT) * (KH * KW)
         if pid == 0:
             tl.atomic_add(FLOPS, 2 * tl.cast(M, tl.int64) * tl.cast(nlive, tl.int64) * tl.cast(klen, tl.int64),
                           sem="relaxed")
@@ -86,10 +82,7 @@ if triton is not None:
                 rr = kk % (KH * KW)
                 kh = rr // KW
                 kw = rr % KW
-                if K_COMPACT:
-                    ci = tl.load(KPERM + cpos, mask=km, other=0)
-                else:
-                    ci = cpos
+                ci = _compact_index(KPERM, cpos, km, K_COMPACT)
                 ih = oh[:, None] * SH - PH + kh[None, :] * DH
                 iw = ow[:, None] * SW - PW + kw[None, :] * DW
                 ok = mm[:, None] & km[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WI)
@@ -115,10 +108,7 @@ if triton is not None:
         M = NB * H * WI
         pid_m, pid_n = _swizzle(pid, tl.cdiv(M, BM), tl.cdiv(CI, BN), GROUP_M)
         nlive = tl.load(NL)
-        if K_COMPACT:
-            ncols = tl.load(KNL)
-        else:
-            ncols = CI
+        ncols = _compact_count(KNL, CI, K_COMPACT)
         if pid == 0:
             tl.atomic_add(FLOPS + 1, 2 * tl.cast(NB * OH * OW, tl.int64) * tl.cast(nlive, tl.int64)
                           * tl.cast(ncols * (KH * KW), tl.int64), sem="relaxed")
@@ -131,10 +121,7 @@ if triton is not None:
         g_row = DY + n.to(tl.int64) * s_gn
         p = pid_n * BN + tl.arange(0, BN)
         pm = p < CI
-        if K_COMPACT:
-            ci = tl.load(KPERM + p, mask=pm, other=0).to(tl.int64)
-        else:
-            ci = p.to(tl.int64)
+        ci = _compact_index(KPERM, p, pm, K_COMPACT).to(tl.int64)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         if pid_n * BN < ncols:
             cm = p < ncols
@@ -176,10 +163,7 @@ if triton is not None:
         pid_k = tl.program_id(1)
         M = NB * OH * OW
         KTOT = CI * (KH * KW)
-        if K_COMPACT:
-            kl = tl.load(KNL) * (KH * KW)
-        else:
-            kl = KTOT
+        kl = _compact_count(KNL, CI, K_COMPACT) * (KH * KW)
         if (pid_c == 0) & (pid_k == 0):
             tl.atomic_add(FLOPS + 2, 2 * tl.cast(M, tl.int64) * tl.cast(CO, tl.int64) * tl.cast(kl, tl.int64),
                           sem="relaxed")
@@ -191,10 +175,7 @@ if triton is not None:
         rr = p % (KH * KW)
         kh = rr // KW
         kw = rr % KW
-        if K_COMPACT:
-            ci = tl.load(KPERM + cpos, mask=pm, other=0).to(tl.int64)
-        else:
-            ci = cpos.to(tl.int64)
+        ci = _compact_index(KPERM, cpos, pm, K_COMPACT).to(tl.int64)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         if pid_k * BN < kl:
             cm = p < kl
@@ -249,16 +230,6 @@ def _check_4d(a: Tensor, ch: int, dtype: torch.dtype, name: str, op: str) -> Non
         raise TypeError(f"{op}: {name} dtype {a.dtype} differs from the weight dtype {dtype}")
 
 
-def _kc(in_perm, in_nlive, ci, op):
-    if (in_perm is None) != (in_nlive is None):
-        raise ValueError(f"{op}: in_perm and in_nlive go together")
-    if in_perm is None:
-        return False
-    U.check_index(in_perm, ci, "in_perm", op)
-    U.check_index(in_nlive, 1, "in_nlive", op)
-    return True
-
-
 def _geom(stride, padding, dilation):
     sh, sw = stride
     ph, pw = padding
@@ -272,7 +243,7 @@ def _fwd_impl(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops,
     co, ci, kh, kw = weight.shape
     _check_4d(x, ci, weight.dtype, "x", op)
     U.check_index(perm, co, "perm", op)
-    kc = _kc(in_perm, in_nlive, ci, op)
+    kc = U.check_compaction(in_perm, in_nlive, ci, op)
     nb, _, h, wi = x.shape
     oh = out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = out_size(wi, kw, stride[1], padding[1], dilation[1])
@@ -300,7 +271,7 @@ def _dgrad_impl(dy, weight, threshold, perm, nlive, in_perm, in_nlive, flops, in
     _check(weight, threshold, op)
     co, ci, kh, kw = weight.shape
     _check_4d(dy, co, weight.dtype, "dy", op)
-    kc = _kc(in_perm, in_nlive, ci, op)
+    kc = U.check_compaction(in_perm, in_nlive, ci, op)
     nb, _, oh, ow = dy.shape
     h, wi = input_hw
     dx = torch.empty((nb, ci, h, wi), dtype=dy.dtype, device=dy.device)
@@ -328,7 +299,7 @@ def _wgrad_impl(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops, s
     co, ci, kh, kw = weight.shape
     _check_4d(dy, co, weight.dtype, "dy", op)
     _check_4d(x, ci, weight.dtype, "x", op)
-    kc = _kc(in_perm, in_nlive, ci, op)
+    kc = U.check_compaction(in_perm, in_nlive, ci, op)
     nb, _, h, wi = x.shape
     oh, ow = dy.shape[2], dy.shape[3]
     dev = weight.device
@@ -351,9 +322,8 @@ def _wgrad_impl(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops, s
             **_geom(stride, padding, dilation), KH=kh, KW=kw, K_COMPACT=kc, MODE=int(grad_mode),
             DOT_DT=_dot_dt(dy.dtype, interp), PREC=U.dot_precision("conv"), BM=bm, BN=bn, BK=bk,
             num_warps=warps, num_stages=stages)
-    if nkt == 1:
-        return gw, gtp[0], cntp[0]
-    return gw, gtp.sum(0), cntp.sum(0, dtype=torch.int32)
+    gt, cnt = U.sum_partials(gtp, cntp)
+    return gw, gt, cnt
 
 
 # =============================================================================================

@@ -57,10 +57,7 @@ if triton is not None:
         pid = tl.program_id(0)
         pid_m, pid_n = _swizzle(pid, tl.cdiv(M, BM), tl.cdiv(C, BN), GROUP_M)
         nlive = tl.load(NL)
-        if K_COMPACT:
-            klen = tl.load(KNL)
-        else:
-            klen = K
+        klen = _compact_count(KNL, K, K_COMPACT)
         if pid == 0:
             tl.atomic_add(FLOPS, 2 * tl.cast(M, tl.int64) * tl.cast(nlive, tl.int64) * tl.cast(klen, tl.int64),
                           sem="relaxed")
@@ -76,10 +73,7 @@ if triton is not None:
             for k0 in range(0, klen, BK):
                 kk = k0 + tl.arange(0, BK)
                 km = kk < klen
-                if K_COMPACT:
-                    cols = tl.load(KPERM + kk, mask=km, other=0).to(tl.int64)
-                else:
-                    cols = kk.to(tl.int64)
+                cols = _compact_index(KPERM, kk, km, K_COMPACT).to(tl.int64)
                 x = tl.load(X + offs_m[:, None] * s_xm + cols[None, :] * s_xk,
                             mask=mm[:, None] & km[None, :], other=0.0)
                 w = tl.load(W + rows[:, None] * s_wc + cols[None, :] * s_wk,
@@ -98,10 +92,7 @@ if triton is not None:
         pid = tl.program_id(0)
         pid_m, pid_n = _swizzle(pid, tl.cdiv(M, BM), tl.cdiv(K, BN), GROUP_M)
         nlive = tl.load(NL)
-        if K_COMPACT:
-            kl = tl.load(KNL)
-        else:
-            kl = K
+        kl = _compact_count(KNL, K, K_COMPACT)
         if pid == 0:
             tl.atomic_add(FLOPS + 1, 2 * tl.cast(M, tl.int64) * tl.cast(nlive, tl.int64) * tl.cast(kl, tl.int64),
                           sem="relaxed")
@@ -109,10 +100,7 @@ if triton is not None:
         mm = offs_m < M
         p = pid_n * BN + tl.arange(0, BN)
         pm = p < K
-        if K_COMPACT:
-            cols = tl.load(KPERM + p, mask=pm, other=0).to(tl.int64)
-        else:
-            cols = p.to(tl.int64)
+        cols = _compact_index(KPERM, p, pm, K_COMPACT).to(tl.int64)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         if pid_n * BN < kl:
             cm = p < kl
@@ -137,10 +125,7 @@ if triton is not None:
         batch (BK); then the §2 epilogue. Grid: (row tiles, column tiles)."""
         pid_c = tl.program_id(0)
         pid_k = tl.program_id(1)
-        if K_COMPACT:
-            kl = tl.load(KNL)
-        else:
-            kl = K
+        kl = _compact_count(KNL, K, K_COMPACT)
         if (pid_c == 0) & (pid_k == 0):
             tl.atomic_add(FLOPS + 2, 2 * tl.cast(M, tl.int64) * tl.cast(C, tl.int64) * tl.cast(kl, tl.int64),
                           sem="relaxed")
@@ -148,10 +133,7 @@ if triton is not None:
         rm = rows < C
         p = pid_k * BN + tl.arange(0, BN)
         pm = p < K
-        if K_COMPACT:
-            cols = tl.load(KPERM + p, mask=pm, other=0).to(tl.int64)
-        else:
-            cols = p.to(tl.int64)
+        cols = _compact_index(KPERM, p, pm, K_COMPACT).to(tl.int64)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         if pid_k * BN < kl:
             cm = p < kl
@@ -219,16 +201,6 @@ def _check_act(a: Tensor, rows: Optional[int], cols: int, dtype: torch.dtype, na
         raise TypeError(f"{op}: {name} dtype {a.dtype} differs from the weight dtype {dtype}")
 
 
-def _kcompact(in_perm: Optional[Tensor], in_nlive: Optional[Tensor], k: int, op: str):
-    if (in_perm is None) != (in_nlive is None):
-        raise ValueError(f"{op}: in_perm and in_nlive go together")
-    if in_perm is None:
-        return False
-    U.check_index(in_perm, k, "in_perm", op)
-    U.check_index(in_nlive, 1, "in_nlive", op)
-    return True
-
-
 def _fwd_impl(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops):
     op = "triton_masked_linear_fwd"
     _check_common(weight, threshold, op)
@@ -236,7 +208,7 @@ def _fwd_impl(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops)
     _check_act(x, None, k, weight.dtype, "x", op)
     U.check_index(perm, c, "perm", op)
     U.check_index(nlive, 1, "nlive", op)
-    kc = _kcompact(in_perm, in_nlive, k, op)
+    kc = U.check_compaction(in_perm, in_nlive, k, op)
     m = x.shape[0]
     y = torch.empty((m, c), dtype=x.dtype, device=x.device)
     if m == 0 or c == 0:
@@ -264,7 +236,7 @@ def _dgrad_impl(dy, weight, threshold, perm, nlive, in_perm, in_nlive, flops):
     _check_act(dy, None, c, weight.dtype, "dy", op)
     U.check_index(perm, c, "perm", op)
     U.check_index(nlive, 1, "nlive", op)
-    kc = _kcompact(in_perm, in_nlive, k, op)
+    kc = U.check_compaction(in_perm, in_nlive, k, op)
     m = dy.shape[0]
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
     if m == 0 or k == 0:
@@ -292,7 +264,7 @@ def _wgrad_impl(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops):
     c, k = weight.shape
     _check_act(dy, None, c, weight.dtype, "dy", op)
     _check_act(x, dy.shape[0], k, weight.dtype, "x", op)
-    kc = _kcompact(in_perm, in_nlive, k, op)
+    kc = U.check_compaction(in_perm, in_nlive, k, op)
     m = dy.shape[0]
     dev = weight.device
     gw = torch.empty((c, k), dtype=weight.dtype, device=dev)
@@ -313,9 +285,8 @@ def _wgrad_impl(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops):
             weight.stride(0), weight.stride(1), threshold.stride(0),
             K_COMPACT=kc, MODE=int(grad_mode), DOT_DT=_dot_dt(dy.dtype, interp),
             PREC=U.dot_precision("linear"), BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
-    if nkt == 1:
-        return gw, gtp[0], cntp[0]
-    return gw, gtp.sum(0), cntp.sum(0, dtype=torch.int32)
+    gt, cnt = U.sum_partials(gtp, cntp)
+    return gw, gt, cnt
 
 
 # =============================================================================================
