@@ -8,7 +8,8 @@
     layer.execution = "fused"           the Triton kernels: mask applied in the weight-load prologue of the
                                         forward and input-gradient GEMMs (W * M never written), the §2
                                         threshold / weight gradients and keep counts in the weight-gradient
-                                        epilogue, entirely pruned output channels skipped (compacted)
+                                        epilogue, entirely pruned output channels skipped (compacted);
+                                        linear, conv2d and conv_transpose2d (triton_masked_conv.py)
     layer.execution = "auto"            per (layer kind, shapes, dtype, device, gradients needed, share of
                                         entirely pruned rows): one timed run of both paths, cached in memory
                                         and optionally on disk. On CPU and under the Triton interpreter "auto"
@@ -17,7 +18,7 @@
     default of layers that were never given one.
 
 A forced "fused" that cannot run (no Triton / no GPU without TRITON_INTERPRET=1, a dtype other than
-float32 / float16 / bfloat16, a grouped, transposed or non-zero-padded convolution, autocast, inside
+float32 / float16 / bfloat16, a grouped or non-zero-padded convolution, autocast, inside
 `grouped_masks`) warns once per reason and runs "masked_weight". The collapse guard (§1) runs in every
 path: on "fused" inside the mask-statistics launch (rgkernels/ops/triton_mask_stats.py), before any GEMM.
 
@@ -146,7 +147,7 @@ def _triton_ok(device: torch.device, kind: str) -> Tuple[bool, str]:
 def fused_support(layer, x: Tensor, w: Tensor) -> Tuple[bool, str]:
     """(can this call, with effective weight `w`, run the fused kernels; why not)."""
     kind = _kind(layer)
-    if kind not in ("linear", "conv"):
+    if kind == "other":
         return False, f"no fused kernels for {type(layer).__name__}"
     if w.dtype not in _SUPPORTED_DTYPES:
         return False, f"weight dtype {w.dtype} (fused kernels take float32, float16, bfloat16)"
@@ -158,7 +159,7 @@ def fused_support(layer, x: Tensor, w: Tensor) -> Tuple[bool, str]:
         return False, "input and weight on different devices"
     if torch.is_autocast_enabled(x.device.type):
         return False, "autocast is on (the fused kernels do not autocast)"
-    if kind == "conv":
+    if kind != "linear":
         if layer.groups != 1:
             return False, "grouped convolution"
         if layer.padding_mode != "zeros":
@@ -318,10 +319,12 @@ def _dead_bucket(layer, w_rows: Tensor) -> int:
     return st["bucket"]
 
 
-def _decision_key(layer, x: Tensor, w: Tensor, kind: str, bucket: int) -> str:
+def _decision_key(layer, x: Tensor, w: Tensor, kind: str, bucket: int, output_size=None) -> str:
     geom = ""
-    if kind == "conv":
+    if kind != "linear":
         geom = f"|s{tuple(layer.stride)}p{_conv_padding(layer)}d{tuple(layer.dilation)}"
+    if kind == "conv_transpose":
+        geom += f"op{tuple(_conv_args(layer, x, output_size)[4])}"
     grads = (torch.is_grad_enabled() and x.requires_grad, torch.is_grad_enabled()
              and (w.requires_grad or layer.threshold.requires_grad))
     dev = torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else x.device.type
@@ -329,7 +332,8 @@ def _decision_key(layer, x: Tensor, w: Tensor, kind: str, bucket: int) -> str:
             f"|bias{int(layer.bias is not None)}|grad{int(grads[0])}{int(grads[1])}|dead{bucket}/8")
 
 
-def _measure_candidates(layer, x: Tensor, weight: Tensor, kind: str) -> Dict[str, Callable[[], None]]:
+def _measure_candidates(layer, x: Tensor, weight: Tensor, kind: str,
+                        output_size=None) -> Dict[str, Callable[[], None]]:
     """Closures running one forward + backward of each path on copies of the layer's tensors (the
     layer, its parameters and their gradients are untouched)."""
     from .ops.masked_weight import masked_weight
@@ -346,23 +350,23 @@ def _measure_candidates(layer, x: Tensor, weight: Tensor, kind: str) -> Dict[str
     xx.requires_grad_(gx)
     gm = layer.grad_mode
     guard = layer.guard_ratio
-    conv = _conv_args(layer) if kind == "conv" else None
+    conv = None if kind == "linear" else _conv_args(layer, x, output_size)
 
     def aten():
-        wh = masked_weight(w, t, gm, guard_ratio=guard)
-        y = F.linear(xx, wh, b) if kind == "linear" else F.conv2d(xx, wh, b, *conv)
+        w_hat = _rows(kind, masked_weight(_rows(kind, w), t, gm, guard_ratio=guard))
+        y = _layer_fn(kind, conv)(xx, w_hat, b)
         if gx or gw:
             y.backward(torch.ones_like(y))
 
     def fused():
-        y = _apply_fused(kind, xx, w, t, b, gm, guard, conv, None, None, None, None)[0]
+        y = _apply_fused(kind, xx, _rows(kind, w), t, b, gm, guard, conv, None, None, None, None)[0]
         if gx or gw:
             y.backward(torch.ones_like(y))
 
     return {"masked_weight": aten, "fused": fused}
 
 
-def resolve(layer, x: Tensor, weight: Tensor) -> str:
+def resolve(layer, x: Tensor, weight: Tensor, output_size=None) -> str:
     """The path this call of `layer` (effective weight `weight`) runs: "masked_weight" or "fused"."""
     mode = layer.execution
     if mode == "masked_weight":
@@ -379,14 +383,14 @@ def resolve(layer, x: Tensor, weight: Tensor) -> str:
     if not ok or x.device.type != "cuda":
         return "masked_weight"
     kind = _kind(layer)
-    bucket = _dead_bucket(layer, weight.reshape(weight.shape[0], -1))
-    key = _decision_key(layer, x, weight, kind, bucket)
+    bucket = _dead_bucket(layer, _rows(kind, weight).flatten(1))
+    key = _decision_key(layer, x, weight, kind, bucket, output_size)
     hit = _DECISIONS.get(key)
     if hit is not None:
         return hit
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return "masked_weight"  # never time inside a graph capture / trace
-    return decide(key, _measure_candidates(layer, x, weight, kind))
+    return decide(key, _measure_candidates(layer, x, weight, kind, output_size))
 
 
 # =============================================================================================
@@ -419,18 +423,43 @@ def _ops():
     return torch.ops.rgkernels
 
 
-def _conv_args(layer):
-    return (list(layer.stride), list(_conv_padding(layer)), list(layer.dilation))
+def _conv_args(layer, x: Tensor, output_size=None) -> tuple:
+    """(stride, padding, dilation, transposed, output_padding) of a conv layer, as the conv ops take them."""
+    transposed = _kind(layer) == "conv_transpose"
+    if transposed:  # nn.ConvTranspose2d's own rule (output_size may pick it per call)
+        out_pad = layer._output_padding(x, output_size, layer.stride, layer.padding, layer.kernel_size, 2,
+                                        layer.dilation)
+    else:
+        out_pad = (0, 0)
+    return (list(layer.stride), list(_conv_padding(layer)), list(layer.dilation), transposed, list(out_pad))
+
+
+def _rows(kind: str, weight: Tensor) -> Tensor:
+    """The weight in the mask's row layout, one row per output channel: a transposed conv's
+    [Ci, Co, KH, KW] weight (groups = 1) as the [Co, Ci, KH, KW] view the conv kernels take."""
+    return weight.transpose(0, 1) if kind == "conv_transpose" else weight
+
+
+def _layer_fn(kind: str, conv):
+    """f(x, W_hat in the layer's own weight layout, bias) of the layer, in ATen."""
+    if kind == "linear":
+        return F.linear
+    stride, padding, dilation, transposed, out_pad = conv
+    if transposed:
+        return lambda x, w, b: F.conv_transpose2d(x, w, b, stride, padding, out_pad, 1, dilation)
+    return lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation)
 
 
 class _FusedFn(torch.autograd.Function):
-    """y = op(x, W * S(|W| - t)) + b with the §2 gradients; op = linear ([M, K] input) or conv2d."""
+    """y = op(x, W * S(|W| - t)) + b with the §2 gradients; op = linear ([M, K] input), conv2d or
+    conv_transpose2d. `weight` is in the mask's row layout (see _rows)."""
 
     @staticmethod
     def forward(ctx, x, weight, threshold, bias, kind, grad_mode_id, guard_ratio, conv, in_fwd, in_dgrad,
                 flops, out_info):
         ops = _ops()
-        w_rows = weight.reshape(weight.shape[0], -1)
+        # [C, K] rows; a transposed conv's rows view has no 2-D form: [C, Ci, KH * KW] (read in place)
+        w_rows = weight.flatten(2) if kind == "conv_transpose" else weight.reshape(weight.shape[0], -1)
         counts, bits, perm, zperm, nlive = ops.triton_mask_stats(w_rows, threshold, bias, guard_ratio)
         in_perm, in_nlive = in_fwd if in_fwd is not None else (None, None)
         if kind == "linear":
@@ -460,14 +489,14 @@ class _FusedFn(torch.autograd.Function):
                 dx = ops.triton_masked_linear_dgrad(dy, weight, t, ctx.perm, ctx.nlive, ip, inl, ctx.flops)
             else:
                 dx = ops.triton_masked_conv_dgrad(dy, weight, t, ctx.perm, ctx.nlive, ip, inl, ctx.flops,
-                                                  list(x.shape[2:]), *ctx.conv)
+                                                  list(x.shape[2:]), *ctx.conv[:4])
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             ip, inl = ctx.in_fwd if ctx.in_fwd is not None else (None, None)
             if ctx.kind == "linear":
                 gw, gt, _ = ops.triton_masked_linear_wgrad(dy, x, weight, t, ip, inl, ctx.grad_mode_id, ctx.flops)
             else:
                 gw, gt, _ = ops.triton_masked_conv_wgrad(dy, x, weight, t, ip, inl, ctx.grad_mode_id, ctx.flops,
-                                                         *ctx.conv)
+                                                         *ctx.conv[:4])
             gw = gw if ctx.needs_input_grad[1] else None
             gt = gt if ctx.needs_input_grad[2] else None
         if ctx.has_bias and ctx.needs_input_grad[3]:
@@ -479,11 +508,11 @@ def _differentiable_backward(ctx, x, weight, t, dy):
     """The gradients of _FusedFn as a graph (create_graph=True): see masked_weight.differentiable_grads."""
     from .ops.masked_weight import differentiable_grads
 
-    if ctx.kind == "linear":
-        layer_fn = F.linear
-    else:
-        def layer_fn(x, w_hat):
-            return F.conv2d(x, w_hat, None, *ctx.conv)
+    fn = _layer_fn(ctx.kind, ctx.conv)
+
+    def layer_fn(x, w_hat_rows):  # _rows is its own inverse: row layout -> the layer's weight layout
+        return fn(x, _rows(ctx.kind, w_hat_rows), None)
+
     out = differentiable_grads(layer_fn, x, weight, t, dy, ctx.grad_mode_id, ctx.needs_input_grad[:3])
     db = None
     if ctx.has_bias and ctx.needs_input_grad[3]:
@@ -493,7 +522,7 @@ def _differentiable_backward(ctx, x, weight, t, dy):
 
 def _apply_fused(kind, x, weight, threshold, bias, grad_mode, guard_ratio, conv, in_fwd, in_dgrad,
                  flops, out_info):
-    """Runs the fused path on raw tensors; returns (y, info dict)."""
+    """Runs the fused path on raw tensors (`weight` in the row layout, see _rows); returns (y, info dict)."""
     if flops is None:
         flops = torch.zeros(3, dtype=torch.int64, device=x.device)
     info = {} if out_info is None else out_info
@@ -526,20 +555,21 @@ def _flops_counter(layer, device: torch.device) -> Tensor:
 def forward(layer, x: Tensor, **kw) -> Tensor:
     """A masked layer's sparse-mode output when its execution mode is not "masked_weight": resolves
     the path (the effective weight is computed once: a spectral-norm parametrisation runs one power
-    iteration either way) and runs it."""
+    iteration either way) and runs it. `kw`: a transposed conv's `output_size`."""
     if layer._exec_record is not None:
         layer._exec_record = None
     weight = layer.weight
-    if layer._pre_masked is not None or resolve(layer, x, weight) != "fused":
+    if layer._pre_masked is not None or resolve(layer, x, weight, kw.get("output_size")) != "fused":
         return layer._masked_weight_forward(x, weight, **kw)
     kind = _kind(layer)
+    weight = _rows(kind, weight)
     layer._hook_stored_weight()
     in_fwd = in_dgrad = None
     link = _chain_input(layer, x)
     if link is not None:
         in_fwd = link[0]
         in_dgrad = link[0] if link[1] else None
-    conv = _conv_args(layer) if kind == "conv" else None
+    conv = None if kind == "linear" else _conv_args(layer, x, kw.get("output_size"))
     flops = _flops_counter(layer, x.device)
     y, info = _apply_fused(kind, x, weight, layer.threshold, layer.bias, layer.grad_mode, layer.guard_ratio, conv,
                            in_fwd, in_dgrad, flops, None)

@@ -99,11 +99,11 @@ def test_auto_is_masked_weight_on_cpu():
 @needs_triton
 def test_forced_fused_unavailable_warns_once_and_falls_back():
     SE.clear_decisions()
-    tconv = rgkernels.MaskedConvTranspose2d(3, 4, 3).to(DEV)
+    tconv = rgkernels.MaskedConvTranspose2d(4, 6, 3, groups=2).to(DEV)
     ref = copy.deepcopy(tconv)
     tconv.execution = "fused"
-    x = torch.randn(2, 3, 5, 5, device=DEV)
-    with pytest.warns(rgkernels.RGKernelsWarning, match="fused.*unavailable.*MaskedConvTranspose2d"):
+    x = torch.randn(2, 4, 5, 5, device=DEV)
+    with pytest.warns(rgkernels.RGKernelsWarning, match="fused.*unavailable.*MaskedConvTranspose2d.*grouped"):
         y = tconv(x)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*execution.*", category=rgkernels.RGKernelsWarning)
@@ -182,6 +182,56 @@ def test_fused_conv_unbatched_channels_last_and_two_calls_before_backward():
     fused.zero_grad()
     x = torch.randn(2, 3, 6, 6, device=DEV).contiguous(memory_format=torch.channels_last)
     _check_same(ref, fused, x, calls=2)  # D(real) + D(fake) before one backward
+
+
+CONV_T_KW = [  # (layer kwargs, input H x W, forward kwargs)
+    (dict(in_channels=8, out_channels=6, kernel_size=4), (1, 1), {}),  # FastGAN's InitLayer: noise -> 4x4
+    (dict(in_channels=3, out_channels=5, kernel_size=4, stride=2, padding=1), (4, 5), {}),
+    (dict(in_channels=4, out_channels=3, kernel_size=3, stride=2, padding=1, bias=False), (4, 4),
+     dict(output_size=[8, 8])),  # output_size picks output_padding = 1 per call
+    (dict(in_channels=3, out_channels=4, kernel_size=(3, 2), stride=(1, 2), padding=(0, 1), dilation=(2, 1),
+          output_padding=(0, 1)), (3, 4), {}),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("kw,hw,call", CONV_T_KW)
+def test_fused_conv_transpose_layer(kw, hw, call):
+    ref, fused = _pair(lambda: _prune(rgkernels.MaskedConvTranspose2d(**kw), dead=[1]))
+    x = torch.randn(2, kw["in_channels"], *hw, device=DEV)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ref(x1, **call), fused(x2, **call)
+    torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6)
+    for name, p in _params(ref).items():
+        torch.testing.assert_close(_params(fused)[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # the fused forward ran (bit-packed mask, no masked weight) and its mask is the reference's
+    assert fused._last_bits is not None and fused._last_masked is None
+    assert fused.mask().shape == fused.weight.shape and torch.equal(fused.mask(), ref.mask())
+    assert torch.equal(fused.last_counts, ref.last_counts) and int(fused.last_counts[1]) == 0
+
+
+@needs_triton
+def test_fused_conv_transpose_unbatched_and_spectral_norm():
+    """Spectral norm of a ConvTranspose2d normalises over dim 1: the mask is computed on the effective
+    weight and the stored parameter's gradient is masked with the fused forward's mask."""
+    def make():
+        m = nn.utils.parametrizations.spectral_norm(nn.ConvTranspose2d(4, 5, 3, stride=2, padding=1))
+        rgkernels.sparsify(m)
+        return _prune(m, dead=[2], hi=0.05)
+
+    torch.manual_seed(2)
+    ref, fused = _pair(make)
+    fused.load_state_dict(ref.state_dict())
+    ref.eval()
+    fused.eval()
+    _check_same(ref, fused, torch.randn(4, 3, 3, device=DEV))
+    orig = fused.parametrizations.weight.original
+    assert fused._last_bits is not None
+    assert torch.all(orig.grad[~fused.mask()] == 0) and bool((~fused.mask()).any())
 
 
 @needs_triton
@@ -371,6 +421,25 @@ def test_count_flops_executed_single_conv():
     assert r2.step.executed == r2.step.dense and r2.forward.active == r.forward.active
 
 
+@needs_triton
+def test_count_flops_executed_conv_transpose_matches_the_kernel_counters():
+    tconv = _prune(rgkernels.MaskedConvTranspose2d(5, 6, 4, stride=2, padding=1), dead=[0, 4], hi=0.05).to(DEV)
+    tconv.execution = "fused"
+    x = torch.randn(3, 5, 3, 4, device=DEV)
+    SE.reset_executed_flops(tconv)
+    r = rgkernels.count_flops(tconv, x)
+    uses, k = 3 * 12, 5 * 16  # input positions; each weight row has Ci * KH * KW entries
+    assert r.forward.dense == 2 * uses * 6 * k
+    assert r.forward.executed == r.input_grad.executed == 2 * uses * 4 * k
+    assert r.weight_grad.executed == 2 * uses * 6 * k
+    # what the kernels themselves counted on the device (forward only: count_flops runs no backward)
+    tconv.train()
+    xx = x.clone().requires_grad_()
+    tconv(xx).sum().backward()
+    assert SE.executed_flops(tconv)[""] == {"forward": 2 * r.forward.executed, "input_grad": r.input_grad.executed,
+                                            "weight_grad": r.weight_grad.executed}
+
+
 # ---- the "auto" decision and its cache ---------------------------------------------------------------
 
 def test_decide_and_disk_cache(tmp_path, monkeypatch):
@@ -396,6 +465,26 @@ def test_decide_and_disk_cache(tmp_path, monkeypatch):
         SE.clear_decisions()
 
 
+@needs_triton
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_transpose"])
+def test_auto_candidates_run_both_paths_on_copies(kind):
+    """What "auto" times on a GPU: one forward + backward of each path, on copies (the layer's
+    parameters, gradients and thresholds untouched). Run here under the interpreter."""
+    make = {"linear": lambda: rgkernels.MaskedLinear(6, 5),
+            "conv": lambda: rgkernels.MaskedConv2d(3, 4, 3, padding=1),
+            "conv_transpose": lambda: rgkernels.MaskedConvTranspose2d(3, 4, 4, stride=2, padding=1)}[kind]
+    layer = _prune(make(), dead=[0]).to(DEV)
+    x = torch.randn((4, 6) if kind == "linear" else (2, 3, 3, 3), device=DEV, requires_grad=True)
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    cands = SE._measure_candidates(layer, x, layer.weight, kind)
+    ran = []
+    assert SE.decide(f"test-{kind}", cands, lambda fn: fn() or ran.append(1) or float(len(ran))) == "masked_weight"
+    assert len(ran) == 2 and x.grad is None
+    for n, p in layer.named_parameters():
+        assert p.grad is None and torch.equal(p, before[n]), n
+    SE.clear_decisions()
+
+
 def test_compaction_helper():
     counts = torch.tensor([3, 0, 5, 0, 1], dtype=torch.int32)
     bias = torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0])
@@ -404,14 +493,17 @@ def test_compaction_helper():
 
 
 @needs_triton
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_transpose"])
 def test_gradient_penalty_double_backward(kind):
     """R1-style: the input gradient taken with create_graph=True and differentiated again reaches the
     weights and thresholds exactly as through the reference composition."""
     if kind == "linear":
         make, shape = (lambda: _prune(rgkernels.MaskedLinear(8, 6), dead=[1], hi=0.1)), (4, 8)
-    else:
+    elif kind == "conv":
         make, shape = (lambda: _prune(rgkernels.MaskedConv2d(3, 4, 3, padding=1), dead=[1], hi=0.1)), (2, 3, 5, 5)
+    else:
+        make = lambda: _prune(rgkernels.MaskedConvTranspose2d(3, 4, 4, 2, 1), dead=[1], hi=0.1)  # noqa: E731
+        shape = (2, 3, 3, 3)
     ref, fused = _pair(make)
     x = torch.randn(shape, device=DEV)
     for m in (ref, fused):

@@ -227,9 +227,14 @@ CONV = [  # (co, ci, kh, kw, stride, padding, dilation, H, W)
 
 
 def _conv_case(co, ci, kh, kw, stride, padding, dilation, h, wd, dtype=torch.float32, mode=0,
-               channels_last=False, in_zero=None):
+               channels_last=False, in_zero=None, transposed=False, out_pad=(0, 0)):
+    """One conv (or transposed conv: `w` is then the [Co, Ci, KH, KW] row view of its [Ci, Co, KH, KW]
+    weight, as the layers pass it) through the three ops, against F.conv2d / F.conv_transpose2d on the
+    reference masked weight, in float32."""
     w, t = _layer(co, ci * kh * kw, dtype, dead=[1])
     w = w.view(co, ci, kh, kw)
+    if transposed:  # the parameter is [Ci, Co, KH, KW]; the ops get its transpose, a strided view
+        w = w.transpose(0, 1).contiguous().transpose(0, 1)
     b = torch.randn(co, device=DEV).to(dtype)
     x = torch.randn(2, ci, h, wd, device=DEV).to(dtype)
     if in_zero is not None:
@@ -240,30 +245,41 @@ def _conv_case(co, ci, kh, kw, stride, padding, dilation, h, wd, dtype=torch.flo
     t_ref = t.clone()
     w_hat, counts_ref = R.masked_weight_fwd(w.reshape(co, -1), t_ref, 0.01)
     xr = x.float().clone().requires_grad_()
-    wr = w_hat.view(co, ci, kh, kw).float().clone().requires_grad_()
-    yr = F.conv2d(xr, wr, b.float(), stride, padding, dilation)
+    if transposed:
+        wr = w_hat.view(co, ci, kh, kw).transpose(0, 1).float().clone().requires_grad_()
+        yr = F.conv_transpose2d(xr, wr, b.float(), stride, padding, out_pad, 1, dilation)
+    else:
+        wr = w_hat.view(co, ci, kh, kw).float().clone().requires_grad_()
+        yr = F.conv2d(xr, wr, b.float(), stride, padding, dilation)
     dy = torch.randn_like(yr).to(dtype)
     yr.backward(dy.float())
-    gw_ref, gt_ref = _ref_weight_grads(wr.grad.to(dtype), w, t_ref, mode)
-    geo = (list(stride), list(padding), list(dilation))
+    g_rows = wr.grad.transpose(0, 1) if transposed else wr.grad
+    gw_ref, gt_ref = _ref_weight_grads(g_rows.to(dtype), w, t_ref, mode)
+    geo = (list(stride), list(padding), list(dilation), transposed)
     flops = torch.zeros(3, dtype=torch.int64, device=DEV)
     t1 = t.clone()
-    counts, bits, perm, zperm, nlive = _stats(w.reshape(co, -1), t1, b)
+    w_rows = w.flatten(2) if transposed else w.reshape(co, -1)  # the transposed rows: a 3-D view, no copy
+    assert not transposed or w_rows.data_ptr() == w.data_ptr()
+    counts, bits, perm, zperm, nlive = _stats(w_rows, t1, b)
     ip = inl = None
     if in_zero is not None:
         nz = torch.ones(ci, dtype=torch.bool)
         nz[in_zero] = False
         ip = torch.argsort((~nz).to(torch.int8), stable=True).to(torch.int32).to(DEV)
         inl = torch.tensor([int(nz.sum())], dtype=torch.int32, device=DEV)
-    y = ops.triton_masked_conv_fwd(x, w, t1, b, perm, nlive, ip, inl, flops, *geo)
+    y = ops.triton_masked_conv_fwd(x, w, t1, b, perm, nlive, ip, inl, flops, *geo, list(out_pad))
     dx = ops.triton_masked_conv_dgrad(dy, w, t1, perm, nlive, None, None, flops, [h, wd], *geo)
     gw, gt, cnt = ops.triton_masked_conv_wgrad(dy, x, w, t1, ip, inl, mode, flops, *geo)
     assert torch.equal(t1, t_ref) and torch.equal(cnt, counts_ref) and torch.equal(counts, counts_ref)
+    ref_bits = S.reference_stats(w, t_ref.clone(), b, 0.01)[1]
+    assert torch.equal(bits, ref_bits)
+    assert y.shape == yr.shape and dx.shape == xr.shape and gw.shape == w.shape
     _close(y, yr, dtype, "forward")
     _close(dx, xr.grad, dtype, "input grad")
     _close(gw.reshape(co, -1), gw_ref, dtype, "weight grad")
     _close(gt, gt_ref, dtype if dtype == torch.float32 else torch.bfloat16, "threshold grad")
-    uses = 2 * yr.shape[2] * yr.shape[3]
+    # positions each weight meets: output positions of a conv, input positions of a transposed conv
+    uses = 2 * h * wd if transposed else 2 * yr.shape[2] * yr.shape[3]
     live = int((counts_ref > 0).sum())
     kin = ci if in_zero is None else ci - len(in_zero)
     assert flops.tolist() == [2 * uses * live * kin * kh * kw, 2 * uses * live * ci * kh * kw,
@@ -282,6 +298,25 @@ def test_conv_channels_last_masked_mode_and_input_compaction():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_conv_low_precision(dtype):
     _conv_case(6, 4, 3, 3, (2, 2), (1, 1), (1, 1), 7, 7, dtype=dtype)
+
+
+CONV_T = [  # transposed: (co, ci, kh, kw, stride, padding, dilation, H, W, output_padding)
+    (6, 4, 4, 4, (1, 1), (0, 0), (1, 1), 1, 1, (0, 0)),  # FastGAN's first layer: 1x1 noise -> 4x4
+    (5, 3, 4, 4, (2, 2), (1, 1), (1, 1), 4, 5, (0, 0)),  # 2x up-sampling
+    (4, 5, 3, 2, (2, 3), (1, 0), (1, 2), 5, 4, (1, 2)),  # odd strides, dilation, output padding
+    (7, 3, 3, 3, (1, 1), (1, 1), (2, 1), 6, 5, (0, 0)),
+]
+
+
+@pytest.mark.parametrize("case", CONV_T)
+def test_conv_transpose_fp32(case):
+    *geo, out_pad = case
+    _conv_case(*geo, transposed=True, out_pad=out_pad)
+
+
+def test_conv_transpose_masked_mode_input_compaction_and_low_precision():
+    _conv_case(6, 5, 3, 3, (2, 2), (1, 1), (1, 1), 4, 4, mode=1, transposed=True, out_pad=(1, 1), in_zero=[1, 4])
+    _conv_case(6, 4, 4, 4, (2, 2), (1, 1), (1, 1), 3, 3, dtype=torch.bfloat16, transposed=True)
 
 
 def test_opcheck_linear():
@@ -342,7 +377,8 @@ _COMPILE = textwrap.dedent("""
                 done.append((self.fn.__name__, "mma" in ck.asm["ptx"]))
             return call
     U.require = lambda kernels, device, op: kernels.build() and False
-    for mod, names in ((S, ["_k_mask_stats"]), (L, ["_k_lin_fwd", "_k_lin_wgrad"]), (C, ["_k_conv_dgrad"])):
+    for mod, names in ((S, ["_k_mask_stats"]), (L, ["_k_lin_fwd", "_k_lin_wgrad"]),
+                       (C, ["_k_conv_fwd", "_k_conv_dgrad"])):
         mod._KERNELS.build()
         for n in names:
             setattr(mod, n, Compile(getattr(mod, n)))
@@ -354,15 +390,20 @@ _COMPILE = textwrap.dedent("""
     L._fwd_impl(torch.randn(128, 96, dtype=dt), w, t, b, perm, nl, ip, nl, fl)
     L._wgrad_impl(torch.randn(128, 64, dtype=dt), torch.randn(128, 96, dtype=dt), w, t, None, None, 0, fl)
     C._dgrad_impl(torch.randn(2, 64, 4, 4, dtype=dt), torch.randn(64, 32, 3, 3, dtype=dt), t, perm, nl,
-                  None, None, fl, [8, 8], [2, 2], [1, 1], [1, 1])
+                  None, None, fl, [8, 8], [2, 2], [1, 1], [1, 1], False)
+    wt = torch.randn(32, 64, 4, 4, dtype=dt).transpose(0, 1)  # transposed conv: rows view of [Ci, Co, KH, KW]
+    S._impl(wt.flatten(2), t, b, 0.01)
+    C._fwd_impl(torch.randn(2, 32, 8, 8, dtype=dt), wt, t, b, perm, nl, None, None, fl, [2, 2], [1, 1], [1, 1],
+                True, [0, 0])
     print(done)
-    assert len(done) == 4 and all(mma for name, mma in done if name != "_k_mask_stats"), done
+    assert len(done) == 6 and all(mma for name, mma in done if name != "_k_mask_stats"), done
 """)
 
 
 def test_compiles_for_sm90():
     """The GEMM kernels compile for an H100 (tensor-core MMAs in the PTX) without a GPU: bfloat16
-    forward with input compaction, the weight gradient with its epilogue, the conv input gradient."""
+    forward with input compaction, the weight gradient with its epilogue, the conv input gradient,
+    the mask statistics of a transposed conv's 3-D row view and its forward."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.backends.nvidia import compiler  # noqa: F401

@@ -1,7 +1,11 @@
 """Mask statistics of one layer for sparse execution, in ONE launch (no host sync):
 
-    rgkernels::triton_mask_stats(weight[C, K], threshold(a!)[C], bias?[C], guard_ratio)
+    rgkernels::triton_mask_stats(weight[C, K] or [C, K1, K2], threshold(a!)[C], bias?[C], guard_ratio)
         -> (counts int32[C], bits uint8[C, ceil(K/8)], perm int32[C], zperm int32[C], nlive int32[2])
+
+A 3-D weight is read as its [C, K1 * K2] rows through its own strides: a transposed convolution's
+[Ci, Co, KH, KW] weight, transposed to rows [Co, Ci, KH * KW], has no 2-D view, and copying it would
+write the weight-sized tensor that sparse execution exists to avoid.
 
 * counts: keep counts per output channel (row) after the collapse guard.
 * bits:   the mask M bit-packed (bit b of byte j of row i is M[i, 8j + b]): what the layer keeps
@@ -23,6 +27,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -35,8 +40,8 @@ triton, tl = U.triton, U.tl
 
 if triton is not None:
 
-    def _stats_rows(W, T, CNT, BITS, r0, C, K, KB, s_wc, s_wk, s_t,
-                    ZERO_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _stats_rows(W, T, CNT, BITS, r0, C, K, KB, s_wc, s_wk, K2, s_wk2, s_t,
+                    ZERO_T: tl.constexpr, SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
         """Counts and mask bits of rows [r0, r0 + BLOCK_C); returns their kept total (int64)."""
         rows = r0 + tl.arange(0, BLOCK_C)
         rmask = rows < C
@@ -51,7 +56,12 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             inb = rmask[:, None] & (cols < K)[None, :]
-            w = tl.load(W + rows64[:, None] * s_wc + cols.to(tl.int64)[None, :] * s_wk, mask=inb, other=0.0)
+            if SPLIT:  # column = k1 * K2 + k2 of a [C, K1, K2] view
+                c64 = cols.to(tl.int64)
+                coff = (c64 // K2) * s_wk + (c64 % K2) * s_wk2
+            else:
+                coff = cols.to(tl.int64) * s_wk
+            w = tl.load(W + rows64[:, None] * s_wc + coff[None, :], mask=inb, other=0.0)
             keep = (((tl.abs(w.to(tl.float32)) - t[:, None]) > 0) & inb).to(tl.int32)
             cnt += tl.sum(keep, axis=1)
             packed = tl.sum(tl.reshape(keep, [BLOCK_C, BLOCK_K // 8, 8]) * shifts[None, None, :], axis=2)
@@ -98,11 +108,11 @@ if triton is not None:
             n += tl.sum((flag & rm).to(tl.int32), axis=0)
         return n
 
-    def _k_mask_stats(W, T, B, CNT, BITS, PERM, ZPERM, NL, WS, C, K, KB, s_wc, s_wk, s_t, s_b, kmax,
-                      HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _k_mask_stats(W, T, B, CNT, BITS, PERM, ZPERM, NL, WS, C, K, KB, s_wc, s_wk, K2, s_wk2, s_t, s_b, kmax,
+                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_P: tl.constexpr):
-        kept = _stats_rows(W, T, CNT, BITS, tl.program_id(0) * BLOCK_C, C, K, KB, s_wc, s_wk, s_t,
-                           False, BLOCK_C, BLOCK_K)
+        kept = _stats_rows(W, T, CNT, BITS, tl.program_id(0) * BLOCK_C, C, K, KB, s_wc, s_wk, K2, s_wk2, s_t,
+                           False, SPLIT, BLOCK_C, BLOCK_K)
         tl.atomic_add(WS, kept, sem="relaxed")
         tl.debug_barrier()  # all of this program's stores happen before the ticket's release
         ticket = tl.atomic_add(WS + 1, 1, sem="acq_rel")
@@ -114,7 +124,8 @@ if triton is not None:
             if kmax >= 0:
                 if total <= kmax:
                     for r0 in range(0, C, BLOCK_C):
-                        _stats_rows(W, T, CNT, BITS, r0, C, K, KB, s_wc, s_wk, s_t, True, BLOCK_C, BLOCK_K)
+                        _stats_rows(W, T, CNT, BITS, r0, C, K, KB, s_wc, s_wk, K2, s_wk2, s_t, True, SPLIT,
+                                    BLOCK_C, BLOCK_K)
                     tl.debug_barrier()
             nlive = _count_set(CNT, B, C, s_b, False, BLOCK_P)
             _scatter_order(CNT, B, PERM, C, s_b, nlive, False, BLOCK_P)
@@ -153,11 +164,13 @@ def _blocks(c: int, k: int, interp: bool) -> Tuple[int, int, int, int]:
 
 def _impl(weight: Tensor, threshold: Tensor, bias: Optional[Tensor], guard_ratio: float):
     op = "triton_mask_stats"
-    if weight.dim() != 2:
-        raise ValueError(f"{op}: weight must be a 2-D [C, K] view, got {weight.dim()} dims")
+    if weight.dim() not in (2, 3):
+        raise ValueError(f"{op}: weight must be a [C, K] or [C, K1, K2] view, got {weight.dim()} dims")
     if weight.dtype not in U.SUPPORTED_DTYPES:
         raise TypeError(f"{op}: weight dtype {weight.dtype} is not supported (float32, float16, bfloat16)")
-    c, k = weight.shape
+    c, k = weight.shape[0], math.prod(weight.shape[1:])
+    split = weight.dim() == 3
+    k2, s_k2 = (weight.shape[2], weight.stride(2)) if split else (1, 0)
     U.check_float32_vector(threshold, c, "threshold", op)
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != c):
         raise ValueError(f"{op}: bias must have shape [{c}], got {tuple(bias.shape)}")
@@ -188,8 +201,8 @@ def _impl(weight: Tensor, threshold: Tensor, bias: Optional[Tensor], guard_ratio
         with U.device_ctx(dev):
             _k_mask_stats[(triton.cdiv(c, bc),)](
                 weight, threshold, b, counts, bits, perm, zperm, nlive, ws, c, k, kb,
-                weight.stride(0), weight.stride(1), threshold.stride(0), b.stride(0), kmax,
-                HAS_BIAS=bias is not None, BLOCK_C=bc, BLOCK_K=bk, BLOCK_P=bp, num_warps=warps)
+                weight.stride(0), weight.stride(1), k2, s_k2, threshold.stride(0), b.stride(0), kmax,
+                HAS_BIAS=bias is not None, SPLIT=split, BLOCK_C=bc, BLOCK_K=bk, BLOCK_P=bp, num_warps=warps)
     except BaseException:
         _tmw._drop_workspace(key)
         raise
@@ -204,7 +217,7 @@ def triton_mask_stats(weight: Tensor, threshold: Tensor, bias: Optional[Tensor],
 
 @triton_mask_stats.register_fake
 def _(weight, threshold, bias, guard_ratio):
-    c, k = weight.shape
+    c, k = weight.shape[0], math.prod(weight.shape[1:])
     i32 = dict(dtype=torch.int32)
     return (weight.new_empty((c,), **i32), weight.new_empty((c, (k + 7) // 8), dtype=torch.uint8),
             weight.new_empty((c,), **i32), weight.new_empty((c,), **i32), weight.new_empty((2,), **i32))
@@ -216,6 +229,7 @@ def reference_stats(weight: Tensor, threshold: Tensor, bias: Optional[Tensor], g
     """PyTorch version of the op (threshold reset in place by the guard, like the op)."""
     from .reference import masked_weight_fwd
 
+    weight = weight.reshape(weight.shape[0], -1)
     w_hat, counts = masked_weight_fwd(weight, threshold, guard_ratio)
     mask = (weight.float().abs() - threshold.float()[:, None]) > 0
     c, k = weight.shape

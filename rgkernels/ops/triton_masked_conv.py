@@ -1,12 +1,18 @@
-"""Triton implicit-GEMM convolutions of a masked Conv2d layer (sparse execution, DESIGN.md §2, §4).
+"""Triton implicit-GEMM convolutions of a masked Conv2d / ConvTranspose2d layer (sparse execution,
+DESIGN.md §2, §4).
 
     rgkernels::triton_masked_conv_fwd(x[N,Ci,H,W], weight[Co,Ci,KH,KW], threshold[Co], bias?, perm, nlive,
-                                      in_perm?, in_nlive?, flops(a!), stride, padding, dilation) -> y
+                                      in_perm?, in_nlive?, flops(a!), stride, padding, dilation,
+                                      transposed, output_padding) -> y
     rgkernels::triton_masked_conv_dgrad(dy, weight, threshold, perm, nlive, in_perm?, in_nlive?, flops(a!),
-                                        input_hw, stride, padding, dilation) -> dx
+                                        input_hw, stride, padding, dilation, transposed) -> dx
     rgkernels::triton_masked_conv_wgrad(dy, x, weight, threshold, in_perm?, in_nlive?, grad_mode, flops(a!),
-                                        stride, padding, dilation) -> (grad_weight, grad_threshold, counts)
+                                        stride, padding, dilation, transposed)
+        -> (grad_weight[Co,Ci,KH,KW], grad_threshold, counts)
 
+`weight` is always in the mask's row layout [Co, Ci, KH, KW], one row per output channel. For a
+transposed convolution (`transposed=True`) that is its [Ci, Co, KH, KW] parameter transposed (a view:
+the kernels take any strides), and the weight gradient comes back in the same row layout.
 groups = 1 and zero padding only (other convolutions run the masked-weight path). Any strides of
 x / dy / weight (NCHW, channels-last, slices); outputs are contiguous NCHW.
 
@@ -25,8 +31,14 @@ The same structure as triton_masked_linear, with the im2col done in the address 
              over output positions; the §2 epilogue (masked weight gradient, threshold-gradient
              partials, keep counts) as in triton_masked_linear; columns of zero input channels skip
              the GEMM.
-Executed FLOPs (program 0 of each launch, on the device): 2 * N * OH * OW * (output channels) *
-(input channels) * KH * KW, with the channel counts the kernel really reduced over or produced.
+A transposed convolution swaps the two index maps: its forward and weight gradient gather the input
+at ih = (oh + pad - kh * dil) / stride (`_tap_gather`, idle lanes as above), its input gradient is a
+direct convolution of dy (oh = ih * stride - pad + kh * dil). Masking, compaction and epilogue are
+the same code.
+Executed FLOPs (program 0 of each launch, on the device): 2 * N * (positions) * (output channels) *
+(input channels) * KH * KW, with the channel counts the kernel really reduced over or produced;
+positions are the output positions of a conv and the input positions of a transposed conv (as
+rgkernels.count_flops counts "uses"), not the idle lanes.
 Precision: as triton_masked_linear, but float32 operands follow cuDNN's convolution setting
 (torch.backends.cudnn.conv.fp32_precision, legacy cudnn.allow_tf32): TF32 by default, like cuDNN.
 """
@@ -45,11 +57,20 @@ triton, tl = U.triton, U.tl
 if triton is not None:
     globals().update(U.HELPERS)
 
+    def _tap_gather(o, k, S, P, D, LIM):
+        """Input index feeding output index `o` through kernel tap `k` of a transposed convolution
+        (o = i * S - P + k * D, so i = (o + P - k * D) / S), and whether that is an integer in
+        [0, LIM). The lanes where it is not (about 1 - 1/S of them per axis) load nothing."""
+        n = o + P - k * D
+        n0 = tl.maximum(n, 0)
+        i = n0 // S
+        return i, (n >= 0) & (n0 - i * S == 0) & (i < LIM)
+
     def _k_conv_fwd(X, W, T, B, Y, PERM, NL, KPERM, KNL, FLOPS,
                     NB, CI, H, WI, CO, OH, OW,
                     s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww, s_t, s_b,
                     SH, SW, PH, PW, DH, DW,
-                    KH: tl.constexpr, KW: tl.constexpr,
+                    KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr,
                     HAS_BIAS: tl.constexpr, K_COMPACT: tl.constexpr, DOT_DT: tl.constexpr,
                     PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     GROUP_M: tl.constexpr):
@@ -59,7 +80,12 @@ if triton is not None:
         nlive = tl.load(NL)
         klen = _compact_count(KNL, CI, K_COMPACT) * (KH * KW)
         if pid == 0:
-            tl.atomic_add(FLOPS, 2 * tl.cast(M, tl.int64) * tl.cast(nlive, tl.int64) * tl.cast(klen, tl.int64),
+            # FLOPs per input position (transposed) or output position (conv): see flops.py "uses"
+            if TRANSPOSED:
+                npos = NB * H * WI
+            else:
+                npos = M
+            tl.atomic_add(FLOPS, 2 * tl.cast(npos, tl.int64) * tl.cast(nlive, tl.int64) * tl.cast(klen, tl.int64),
                           sem="relaxed")
         offs_m = pid_m * BM + tl.arange(0, BM)
         mm = offs_m < M
@@ -83,9 +109,14 @@ if triton is not None:
                 kh = rr // KW
                 kw = rr % KW
                 ci = _compact_index(KPERM, cpos, km, K_COMPACT)
-                ih = oh[:, None] * SH - PH + kh[None, :] * DH
-                iw = ow[:, None] * SW - PW + kw[None, :] * DW
-                ok = mm[:, None] & km[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WI)
+                if TRANSPOSED:
+                    ih, okh = _tap_gather(oh[:, None], kh[None, :], SH, PH, DH, H)
+                    iw, okw = _tap_gather(ow[:, None], kw[None, :], SW, PW, DW, WI)
+                    ok = mm[:, None] & km[None, :] & okh & okw
+                else:
+                    ih = oh[:, None] * SH - PH + kh[None, :] * DH
+                    iw = ow[:, None] * SW - PW + kw[None, :] * DW
+                    ok = mm[:, None] & km[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WI)
                 x = tl.load(x_row[:, None] + ci.to(tl.int64)[None, :] * s_xc + ih.to(tl.int64) * s_xh
                             + iw.to(tl.int64) * s_xw, mask=ok, other=0.0)
                 w = tl.load(W + rows[:, None] * s_wo + (ci.to(tl.int64) * s_wi + kh * s_wh + kw * s_ww)[None, :],
@@ -101,7 +132,7 @@ if triton is not None:
                       NB, CI, H, WI, CO, OH, OW,
                       s_gn, s_gc, s_gh, s_gw, s_wo, s_wi, s_wh, s_ww, s_t,
                       SH, SW, PH, PW, DH, DW,
-                      KH: tl.constexpr, KW: tl.constexpr,
+                      KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr,
                       K_COMPACT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
@@ -110,7 +141,11 @@ if triton is not None:
         nlive = tl.load(NL)
         ncols = _compact_count(KNL, CI, K_COMPACT)
         if pid == 0:
-            tl.atomic_add(FLOPS + 1, 2 * tl.cast(NB * OH * OW, tl.int64) * tl.cast(nlive, tl.int64)
+            if TRANSPOSED:
+                npos = M
+            else:
+                npos = NB * OH * OW
+            tl.atomic_add(FLOPS + 1, 2 * tl.cast(npos, tl.int64) * tl.cast(nlive, tl.int64)
                           * tl.cast(ncols * (KH * KW), tl.int64), sem="relaxed")
         offs_m = pid_m * BM + tl.arange(0, BM)
         mm = offs_m < M
@@ -135,14 +170,19 @@ if triton is not None:
                 kw = rr % KW
                 co = tl.load(PERM + cpos, mask=km, other=0).to(tl.int64)
                 t = tl.load(T + co * s_t, mask=km, other=0.0)
-                hn = ih[:, None] + PH - kh[None, :] * DH
-                wn = iw[:, None] + PW - kw[None, :] * DW
-                hn0 = tl.maximum(hn, 0)
-                wn0 = tl.maximum(wn, 0)
-                oh = hn0 // SH
-                ow = wn0 // SW
-                ok = (mm[:, None] & km[None, :] & (hn >= 0) & (wn >= 0) & (hn0 - oh * SH == 0)
-                      & (wn0 - ow * SW == 0) & (oh < OH) & (ow < OW))
+                if TRANSPOSED:  # the transposed conv's input gradient is a direct convolution of dy
+                    oh = ih[:, None] * SH - PH + kh[None, :] * DH
+                    ow = iw[:, None] * SW - PW + kw[None, :] * DW
+                    ok = mm[:, None] & km[None, :] & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+                else:  # _tap_gather written out: calling it changes this kernel's sm_90 SASS (not yet timed)
+                    hn = ih[:, None] + PH - kh[None, :] * DH
+                    wn = iw[:, None] + PW - kw[None, :] * DW
+                    hn0 = tl.maximum(hn, 0)
+                    wn0 = tl.maximum(wn, 0)
+                    oh = hn0 // SH
+                    ow = wn0 // SW
+                    ok = (mm[:, None] & km[None, :] & (hn >= 0) & (wn >= 0) & (hn0 - oh * SH == 0)
+                          & (wn0 - ow * SW == 0) & (oh < OH) & (ow < OW))
                 g = tl.load(g_row[:, None] + co[None, :] * s_gc + oh.to(tl.int64) * s_gh + ow.to(tl.int64) * s_gw,
                             mask=ok, other=0.0)
                 w = tl.load(W + (co * s_wo + kh * s_wh + kw * s_ww)[:, None] + ci[None, :] * s_wi,
@@ -156,7 +196,7 @@ if triton is not None:
                       NB, CI, H, WI, CO, OH, OW,
                       s_gn, s_gc, s_gh, s_gw, s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww, s_t,
                       SH, SW, PH, PW, DH, DW,
-                      KH: tl.constexpr, KW: tl.constexpr,
+                      KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr,
                       K_COMPACT: tl.constexpr, MODE: tl.constexpr, DOT_DT: tl.constexpr,
                       PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid_c = tl.program_id(0)
@@ -165,7 +205,11 @@ if triton is not None:
         KTOT = CI * (KH * KW)
         kl = _compact_count(KNL, CI, K_COMPACT) * (KH * KW)
         if (pid_c == 0) & (pid_k == 0):
-            tl.atomic_add(FLOPS + 2, 2 * tl.cast(M, tl.int64) * tl.cast(CO, tl.int64) * tl.cast(kl, tl.int64),
+            if TRANSPOSED:
+                npos = NB * H * WI
+            else:
+                npos = M
+            tl.atomic_add(FLOPS + 2, 2 * tl.cast(npos, tl.int64) * tl.cast(CO, tl.int64) * tl.cast(kl, tl.int64),
                           sem="relaxed")
         rows = (pid_c * BM + tl.arange(0, BM)).to(tl.int64)
         rm = rows < CO
@@ -188,9 +232,14 @@ if triton is not None:
                 ow = r % OW
                 g = tl.load(DY + rows[:, None] * s_gc + (n.to(tl.int64) * s_gn + oh * s_gh + ow * s_gw)[None, :],
                             mask=rm[:, None] & im[None, :], other=0.0)
-                ih = oh[:, None] * SH - PH + kh[None, :] * DH
-                iw = ow[:, None] * SW - PW + kw[None, :] * DW
-                ok = im[:, None] & cm[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WI)
+                if TRANSPOSED:
+                    ih, okh = _tap_gather(oh[:, None], kh[None, :], SH, PH, DH, H)
+                    iw, okw = _tap_gather(ow[:, None], kw[None, :], SW, PW, DW, WI)
+                    ok = im[:, None] & cm[None, :] & okh & okw
+                else:
+                    ih = oh[:, None] * SH - PH + kh[None, :] * DH
+                    iw = ow[:, None] * SW - PW + kw[None, :] * DW
+                    ok = im[:, None] & cm[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WI)
                 x = tl.load(X + n.to(tl.int64)[:, None] * s_xn + ci[None, :] * s_xc + ih.to(tl.int64) * s_xh
                             + iw.to(tl.int64) * s_xw, mask=ok, other=0.0)
                 acc += tl.dot(g.to(DOT_DT), x.to(DOT_DT), input_precision=PREC)
@@ -204,14 +253,17 @@ if triton is not None:
         tl.store(CNTP + pid_k * CO + rows, cnt, mask=rm)
 
 
-_KERNELS = U.LazyKernels(globals(), tuple(U.HELPERS) + ("_k_conv_fwd", "_k_conv_dgrad", "_k_conv_wgrad"))
+_KERNELS = U.LazyKernels(globals(), tuple(U.HELPERS) + ("_tap_gather", "_k_conv_fwd", "_k_conv_dgrad",
+                                                         "_k_conv_wgrad"))
 
 
 def available() -> Tuple[bool, str]:
     return U.available(_KERNELS)
 
 
-def out_size(h: int, k: int, s: int, p: int, d: int) -> int:
+def out_size(h: int, k: int, s: int, p: int, d: int, transposed: bool = False, output_padding: int = 0) -> int:
+    if transposed:
+        return (h - 1) * s - 2 * p + d * (k - 1) + output_padding + 1
     return (h + 2 * p - d * (k - 1) - 1) // s + 1
 
 
@@ -237,7 +289,8 @@ def _geom(stride, padding, dilation):
     return dict(SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw)
 
 
-def _fwd_impl(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops, stride, padding, dilation):
+def _fwd_impl(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops, stride, padding, dilation,
+              transposed, output_padding):
     op = "triton_masked_conv_fwd"
     _check(weight, threshold, op)
     co, ci, kh, kw = weight.shape
@@ -245,8 +298,8 @@ def _fwd_impl(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops,
     U.check_index(perm, co, "perm", op)
     kc = U.check_compaction(in_perm, in_nlive, ci, op)
     nb, _, h, wi = x.shape
-    oh = out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = out_size(wi, kw, stride[1], padding[1], dilation[1])
+    oh = out_size(h, kh, stride[0], padding[0], dilation[0], transposed, output_padding[0])
+    ow = out_size(wi, kw, stride[1], padding[1], dilation[1], transposed, output_padding[1])
     y = torch.empty((nb, co, max(oh, 0), max(ow, 0)), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
@@ -259,14 +312,15 @@ def _fwd_impl(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops,
     with U.device_ctx(x.device):
         _k_conv_fwd[grid](x, weight, threshold, b, y, perm, nlive, kp, kn, flops,
                           nb, ci, h, wi, co, oh, ow, *x.stride(), *weight.stride(), threshold.stride(0),
-                          b.stride(0), **_geom(stride, padding, dilation), KH=kh, KW=kw,
+                          b.stride(0), **_geom(stride, padding, dilation), KH=kh, KW=kw, TRANSPOSED=transposed,
                           HAS_BIAS=bias is not None, K_COMPACT=kc, DOT_DT=_dot_dt(x.dtype, interp),
                           PREC=U.dot_precision("conv"), BM=bm, BN=bn, BK=bk, GROUP_M=8,
                           num_warps=warps, num_stages=stages)
     return y
 
 
-def _dgrad_impl(dy, weight, threshold, perm, nlive, in_perm, in_nlive, flops, input_hw, stride, padding, dilation):
+def _dgrad_impl(dy, weight, threshold, perm, nlive, in_perm, in_nlive, flops, input_hw, stride, padding, dilation,
+                transposed):
     op = "triton_masked_conv_dgrad"
     _check(weight, threshold, op)
     co, ci, kh, kw = weight.shape
@@ -285,13 +339,14 @@ def _dgrad_impl(dy, weight, threshold, perm, nlive, in_perm, in_nlive, flops, in
     with U.device_ctx(dy.device):
         _k_conv_dgrad[grid](dy, weight, threshold, perm, nlive, kp, kn, dx, flops,
                             nb, ci, h, wi, co, oh, ow, *dy.stride(), *weight.stride(), threshold.stride(0),
-                            **_geom(stride, padding, dilation), KH=kh, KW=kw, K_COMPACT=kc,
-                            DOT_DT=_dot_dt(dy.dtype, interp), PREC=U.dot_precision("conv"),
+                            **_geom(stride, padding, dilation), KH=kh, KW=kw, TRANSPOSED=transposed,
+                            K_COMPACT=kc, DOT_DT=_dot_dt(dy.dtype, interp), PREC=U.dot_precision("conv"),
                             BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
     return dx
 
 
-def _wgrad_impl(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops, stride, padding, dilation):
+def _wgrad_impl(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops, stride, padding, dilation,
+                transposed):
     op = "triton_masked_conv_wgrad"
     _check(weight, threshold, op)
     if grad_mode not in (0, 1):
@@ -319,7 +374,8 @@ def _wgrad_impl(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops, s
         _k_conv_wgrad[(triton.cdiv(co, bm), nkt)](
             dy, x, weight, threshold, kp, kn, gw, gtp, cntp, flops,
             nb, ci, h, wi, co, oh, ow, *dy.stride(), *x.stride(), *weight.stride(), threshold.stride(0),
-            **_geom(stride, padding, dilation), KH=kh, KW=kw, K_COMPACT=kc, MODE=int(grad_mode),
+            **_geom(stride, padding, dilation), KH=kh, KW=kw, TRANSPOSED=transposed, K_COMPACT=kc,
+            MODE=int(grad_mode),
             DOT_DT=_dot_dt(dy.dtype, interp), PREC=U.dot_precision("conv"), BM=bm, BN=bn, BK=bk,
             num_warps=warps, num_stages=stages)
     gt, cnt = U.sum_partials(gtp, cntp)
@@ -333,40 +389,45 @@ def _wgrad_impl(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops, s
 @torch.library.custom_op("rgkernels::triton_masked_conv_fwd", mutates_args=("flops",))
 def triton_masked_conv_fwd(x: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor], perm: Tensor,
                            nlive: Tensor, in_perm: Optional[Tensor], in_nlive: Optional[Tensor], flops: Tensor,
-                           stride: List[int], padding: List[int], dilation: List[int]) -> Tensor:
-    return _fwd_impl(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops, stride, padding, dilation)
+                           stride: List[int], padding: List[int], dilation: List[int], transposed: bool,
+                           output_padding: List[int]) -> Tensor:
+    return _fwd_impl(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops, stride, padding, dilation,
+                     transposed, output_padding)
 
 
 @torch.library.custom_op("rgkernels::triton_masked_conv_dgrad", mutates_args=("flops",))
 def triton_masked_conv_dgrad(dy: Tensor, weight: Tensor, threshold: Tensor, perm: Tensor, nlive: Tensor,
                              in_perm: Optional[Tensor], in_nlive: Optional[Tensor], flops: Tensor,
                              input_hw: List[int], stride: List[int], padding: List[int],
-                             dilation: List[int]) -> Tensor:
+                             dilation: List[int], transposed: bool) -> Tensor:
     return _dgrad_impl(dy, weight, threshold, perm, nlive, in_perm, in_nlive, flops, input_hw, stride, padding,
-                       dilation)
+                       dilation, transposed)
 
 
 @torch.library.custom_op("rgkernels::triton_masked_conv_wgrad", mutates_args=("flops",))
 def triton_masked_conv_wgrad(dy: Tensor, x: Tensor, weight: Tensor, threshold: Tensor, in_perm: Optional[Tensor],
                              in_nlive: Optional[Tensor], grad_mode: int, flops: Tensor, stride: List[int],
-                             padding: List[int], dilation: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
-    return _wgrad_impl(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops, stride, padding, dilation)
+                             padding: List[int], dilation: List[int],
+                             transposed: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return _wgrad_impl(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops, stride, padding, dilation,
+                       transposed)
 
 
 @triton_masked_conv_fwd.register_fake
-def _(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops, stride, padding, dilation):
+def _(x, weight, threshold, bias, perm, nlive, in_perm, in_nlive, flops, stride, padding, dilation, transposed,
+      output_padding):
     co, _, kh, kw = weight.shape
-    oh = out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    ow = out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    oh = out_size(x.shape[2], kh, stride[0], padding[0], dilation[0], transposed, output_padding[0])
+    ow = out_size(x.shape[3], kw, stride[1], padding[1], dilation[1], transposed, output_padding[1])
     return x.new_empty((x.shape[0], co, oh, ow))
 
 
 @triton_masked_conv_dgrad.register_fake
-def _(dy, weight, threshold, perm, nlive, in_perm, in_nlive, flops, input_hw, stride, padding, dilation):
+def _(dy, weight, threshold, perm, nlive, in_perm, in_nlive, flops, input_hw, stride, padding, dilation, transposed):
     return dy.new_empty((dy.shape[0], weight.shape[1], input_hw[0], input_hw[1]))
 
 
 @triton_masked_conv_wgrad.register_fake
-def _(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops, stride, padding, dilation):
+def _(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops, stride, padding, dilation, transposed):
     co = weight.shape[0]
     return weight.new_empty(weight.shape), threshold.new_empty((co,)), weight.new_empty((co,), dtype=torch.int32)
