@@ -202,24 +202,44 @@ class MaskedLayer:
         if weight is None:
             weight = self.weight
         if input.is_cpu and self.__dict__.get("_pre_masked") is None:
-            x2 = self._linear_input(input)
-            params = self._parameters
-            threshold, bias = params["threshold"], params.get("bias")
-            if x2 is not None and cpu_masked_linear.applies(x2, weight, threshold, bias):
-                self._hook_stored_weight()
-                flat = weight.dim() != 2  # a conv's [C_out, C_in, kh, kw] weight as [C_out, K] rows
-                guard = self.guard_ratio
-                y, w_hat, counts, n_live = cpu_masked_linear.masked_linear_cpu(
-                    x2, weight.reshape(weight.shape[0], -1) if flat else weight, threshold, bias,
-                    _grad_mode_id(self.grad_mode), -1.0 if guard is None else float(guard))
-                self._record(w_hat.view(weight.shape) if flat else w_hat, counts)
-                if n_live is not None:  # entirely pruned rows skipped: what count_flops reports as executed
-                    from .sparse_exec import exec_record
-
-                    self.__dict__["_exec_record"] = exec_record(n_live, weight.shape[0], weight.shape[1],
-                                                                weight[0, 0].numel() if flat else 1)
-                return self._linear_output(y)
+            y = self._cpu_linear_forward(input, weight, **kw)
+            if y is not None:
+                return y
         return self._functional(input, self._masked_weight(weight), **kw)
+
+    def _cpu_linear_forward(self, input: Tensor, weight: Tensor, **kw) -> Optional[Tensor]:
+        """The layer's output from the CPU masked-linear node where the layer is a linear layer on its
+        [C_out, K] weight rows (`_linear_input` says when), else None."""
+        x2 = self._linear_input(input)
+        if x2 is None:
+            return None
+        params = self._parameters
+        flat = weight.dim() != 2  # a conv's [C_out, C_in, kh, kw] weight as [C_out, K] rows
+        out = self._cpu_linear(x2, weight.reshape(weight.shape[0], -1) if flat else weight, params["threshold"],
+                               params.get("bias"))
+        if out is None:
+            return None
+        y, w_hat, counts, n_live = out
+        self._record(w_hat.view(weight.shape) if flat else w_hat, counts)
+        if n_live is not None:
+            self._record_live(n_live, weight.shape[0], weight.shape[1], weight[0, 0].numel() if flat else 1)
+        return self._linear_output(y)
+
+    def _cpu_linear(self, x2: Tensor, w2: Tensor, threshold: Tensor, bias: Optional[Tensor]):
+        """cpu_masked_linear.masked_linear_cpu(x2, w2, ...) with this layer's gradient mode and guard:
+        (y, W_hat, keep counts, live rows), or None where that node does not apply."""
+        if not cpu_masked_linear.applies(x2, w2, threshold, bias):
+            return None
+        self._hook_stored_weight()
+        guard = self.guard_ratio
+        return cpu_masked_linear.masked_linear_cpu(x2, w2, threshold, bias, _grad_mode_id(self.grad_mode),
+                                                   -1.0 if guard is None else float(guard))
+
+    def _record_live(self, n_live: Tensor, cout: int, cin: int, khkw: int) -> None:
+        """Entirely pruned GEMM rows were skipped: what count_flops reports as executed."""
+        from .sparse_exec import exec_record
+
+        self.__dict__["_exec_record"] = exec_record(n_live, cout, cin, khkw)
 
     def _linear_input(self, input: Tensor) -> Optional[Tensor]:
         """`input` as the [..., K] input of an equivalent linear layer on the [C_out, K] weight rows,
@@ -362,6 +382,35 @@ class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
         if self.padding_mode != "zeros":
             raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
         return self._sparse_forward(input, output_size=output_size)
+
+    def _cpu_linear_forward(self, input: Tensor, weight: Tensor, output_size=None) -> Optional[Tensor]:
+        """A transposed conv of a 1x1 map with stride 1, no padding, dilation 1 and groups 1 (FastGAN's
+        first layer: noise -> 4x4) is a linear layer, y[n, (co, i, j)] = sum_ci x[n, ci] W[ci, co, i, j],
+        run by the CPU masked-linear node. Its GEMM rows (co, i, j) all belong to mask row co: the
+        threshold (and bias) enter repeated kh * kw times, and autograd sums their gradients back."""
+        if (self.groups != 1 or input.dim() != 4 or input.shape[2] != 1 or input.shape[3] != 1
+                or tuple(self.stride) != (1, 1) or tuple(self.padding) != (0, 0) or tuple(self.dilation) != (1, 1)):
+            return None
+        if output_size is not None:  # validates it as nn.ConvTranspose2d does (here it can only mean 0)
+            self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        cin, cout, kh, kw = weight.shape
+        k = kh * kw
+        params = self._parameters
+        threshold, bias = params["threshold"], params.get("bias")
+        t2 = threshold.repeat_interleave(k)
+        out = self._cpu_linear(input.reshape(input.shape[0], cin), weight.reshape(cin, cout * k).t(), t2,
+                               None if bias is None else bias.repeat_interleave(k))
+        if out is None:
+            return None
+        y, w_hat, counts, n_live = out
+        if self.guard_ratio is not None:  # the collapse guard resets t2 in place (all of it, or nothing)
+            with torch.no_grad():
+                threshold.copy_(t2.view(cout, k)[:, 0])
+        # W_hat [(co, i, j), ci] -> the [C_out, C_in, kh, kw] row layout (a view); counts per output channel
+        self._record(w_hat.view(cout, kh, kw, cin).permute(0, 3, 1, 2), counts.view(cout, k).sum(1, dtype=torch.int32))
+        if n_live is not None:
+            self._record_live(n_live, cout * k, cin, 1)
+        return y.view(input.shape[0], cout, kh, kw)
 
     def _functional(self, input: Tensor, weight: Tensor, output_size=None) -> Tensor:
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,

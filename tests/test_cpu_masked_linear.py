@@ -210,7 +210,8 @@ def _layer_grads(layer, x, backend=None):
     with rgkernels.use_backend(backend):
         y = layer(x)
     y.backward(torch.ones_like(y).normal_(generator=torch.Generator().manual_seed(7)))
-    return [y.detach(), x.grad, layer.weight.grad, layer.threshold.grad, layer.bias.grad, layer.mask().clone()]
+    bias_grad = None if layer.bias is None else layer.bias.grad
+    return [y.detach(), x.grad, layer.weight.grad, layer.threshold.grad, bias_grad, layer.mask().clone()]
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv_full_kernel"])
@@ -230,6 +231,79 @@ def test_layer_uses_fused_path_and_matches_reference(kind):
     assert torch.equal(fused[5], ref[5]), "same mask"
     for a, b in zip(fused[:5], ref[:5]):
         assert a.shape == b.shape and rel_err(a, b) <= 1e-5
+
+
+def _pruned_conv_transpose(cin, cout, k, keep=0.5, **kw):
+    torch.manual_seed(0)
+    layer = rgkernels.MaskedConvTranspose2d(cin, cout, k, **kw)
+    with torch.no_grad():
+        layer.threshold.copy_(thresholds(layer._to_rows(layer.weight), keep))
+    return layer
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mode", ["dst", "masked"])
+def test_conv_transpose_of_1x1_map_runs_as_linear_and_matches_reference(bias, mode):
+    """FastGAN's first layer (noise [N, nz, 1, 1] -> 4x4): one masked-linear node with the threshold
+    repeated per kernel position; outputs, every gradient, counts and the mask as the reference."""
+    layer = _pruned_conv_transpose(12, 20, 4, bias=bias)
+    layer.grad_mode = mode
+    x = torch.randn(3, 12, 1, 1)
+    with count_fused_calls() as calls:
+        fused = _layer_grads(layer, x)
+    counts = layer.last_counts.clone()
+    assert len(calls) == 1 and layer._last_masked.shape == (20, 12, 4, 4)
+    ref = _layer_grads(layer, x, "reference")
+    assert torch.equal(counts, layer.last_counts) and counts.dtype == torch.int32 and counts.shape == (20,)
+    assert torch.equal(fused[5], ref[5]) and fused[5].shape == layer.weight.shape, "same mask"
+    for a, b in zip(fused[:5], ref[:5]):
+        if b is None:
+            assert a is None
+        else:
+            assert a.shape == b.shape and rel_err(a, b) <= 1e-5
+
+
+def test_conv_transpose_lowering_guard_and_output_size():
+    # collapse guard (keep ratio <= 1%): the layer's threshold is reset, as on the reference path
+    layer = _pruned_conv_transpose(6, 8, 4, keep=0.005)
+    layer.threshold.data += 10.0
+    x = torch.randn(2, 6, 1, 1)
+    with count_fused_calls() as calls:
+        y = layer(x, output_size=[4, 4])
+    assert len(calls) == 1 and torch.equal(layer.threshold, torch.zeros(8))
+    assert int(layer.last_counts.sum()) == layer.weight.numel()
+    torch.testing.assert_close(y, F.conv_transpose2d(x, layer.weight, layer.bias))
+    with pytest.raises(ValueError):
+        layer(x, output_size=[5, 5])
+    # not a linear layer: stride / padding / larger maps / groups / dilation run the composition
+    with count_fused_calls() as calls:
+        for kw, hw in ((dict(stride=2), 1), (dict(padding=1), 1), ({}, 2), (dict(dilation=2), 1)):
+            _pruned_conv_transpose(4, 6, 3, **kw)(torch.randn(2, 4, hw, hw)).sum().backward()
+        _pruned_conv_transpose(4, 6, 3, groups=2)(torch.randn(2, 4, 1, 1)).sum().backward()
+    assert calls == []
+
+
+def test_conv_transpose_lowering_dead_rows_and_spectral_norm(impl):
+    layer = _pruned_conv_transpose(16, 32, 4, bias=False)
+    with torch.no_grad():
+        layer.threshold[:16] = 100.0  # half the output channels entirely pruned
+    rep = rgkernels.count_flops(layer, torch.randn(5, 16, 1, 1))
+    (lf,) = rep.layers.values()
+    live = 16 if impl != "python" else 32  # GEMM rows skipped by the C++ node: 16 kernel positions each
+    assert lf.forward.dense == 2 * 5 * 16 * 32 * 16
+    assert lf.forward.executed == lf.input_grad.executed == 2 * 5 * 16 * live * 16
+    assert lf.weight_grad.executed == lf.weight_grad.dense
+    # spectral norm (over dim 1 for a transposed conv): mask on the effective weight, stored grad masked
+    torch.manual_seed(1)
+    sn = rgkernels.sparsify(nn.utils.parametrizations.spectral_norm(nn.ConvTranspose2d(8, 10, 4)))
+    with torch.no_grad():
+        sn.threshold.fill_(0.05)
+    with count_fused_calls() as calls:
+        sn(torch.randn(3, 8, 1, 1)).square().sum().backward()
+    assert len(calls) == 1
+    stored, m = sn.parametrizations.weight.original, sn.mask()
+    assert m.shape == stored.shape and (~m).any()
+    assert (stored.grad[~m] == 0).all() and (stored.grad[m] != 0).any()
 
 
 def test_conv_lowering_only_when_exact():
