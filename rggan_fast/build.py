@@ -47,6 +47,7 @@ def build_networks(cfg: TrainConfig, device: torch.device):
             rgkernels.sparsify(net)
             for _, layer in rgkernels.masked_layers(net):
                 layer.grad_mode = cfg.grad_mode
+                layer.execution = cfg.execution
             rgkernels.set_sparse(net, True)  # RG-GAN starts sparse
     G, D = G.to(device).train(), D.to(device).train()
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)

@@ -79,6 +79,9 @@ class TrainConfig:
     regen: str = "GD"               # recurrent regeneration (long-tailed STE) for these nets
     aug_regen: str = "GD"           # augmented regeneration (FID-driven dense phases) for these
     grad_mode: str = "dst"          # weight gradient of the masked op (DESIGN.md §2)
+    execution: str = "masked_weight"  # how pruned layers run (rgkernels.sparse_exec): masked_weight (all
+                                    # masks of a net in one grouped launch, then cuBLAS / cuDNN / CPU BLAS),
+                                    # fused (Triton GEMMs with the mask inside, GPU) or auto (timed per layer)
     ar_weights: Tuple[float, ...] = (0.1, 0.1, 0.2, 0.2, 0.4)  # oldest .. newest FID
 
     # --- runtime ----------------------------------------------------------------------------
@@ -113,6 +116,8 @@ class TrainConfig:
             errors.append("batch and n_critic must be positive")
         if self.kimg <= 0 or self.eval_kimg <= 0:
             errors.append("kimg and eval_kimg must be positive")
+        if self.execution not in ("masked_weight", "fused", "auto"):
+            errors.append(f"execution must be masked_weight, fused or auto, got {self.execution!r}")
         if self.metric not in ("fid", "proxy"):
             errors.append(f"metric must be fid or proxy, got {self.metric!r}")
         if len(self.ar_weights) < 1:

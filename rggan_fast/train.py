@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prune", choices=["G", "D", "GD", "none"], help="nets with dynamic pruning (default GD)")
     a("--regen", choices=["G", "D", "GD", "none"], help="nets with recurrent regeneration (default GD)")
     a("--aug-regen", choices=["G", "D", "GD", "none"], help="nets with augmented regeneration (default GD)")
+    a("--execution", choices=["masked_weight", "fused", "auto"],
+      help="how pruned layers run: masked_weight (default), fused (Triton, GPU) or auto (timed per layer)")
     a("--device", help="auto, cpu, cuda, cuda:N")
     a("--threads", type=int, help="CPU threads for torch")
     a("--cache-dir", help="where FID reference statistics are cached")
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 OPTION_FIELDS = ["data", "res", "batch", "kimg", "eval_kimg", "ckpt_kimg", "fid_samples", "final_fid_samples",
                  "metric", "seed", "outdir", "diffaug", "data_ratio", "lam", "rg", "prune", "regen", "aug_regen",
-                 "device", "threads", "cache_dir", "progress"]
+                 "execution", "device", "threads", "cache_dir", "progress"]
 
 
 def overrides_from_args(args: argparse.Namespace) -> Dict:

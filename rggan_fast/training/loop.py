@@ -144,7 +144,10 @@ class TrainingRun:
         return SummaryWriter(self.run_dir)
 
     def _masks(self, net: torch.nn.Module):
-        """One grouped masked-weight launch for a whole pruned net (rgkernels.grouped_masks)."""
+        """One grouped masked-weight launch for a whole pruned net (rgkernels.grouped_masks), on the
+        default execution path; "fused" / "auto" layers compute their masks inside their own kernels."""
+        if self.cfg.execution != "masked_weight":
+            return contextlib.nullcontext()
         if net is self.G and "G" in self.pruned or net is self.D and "D" in self.pruned:
             import rgkernels
 
