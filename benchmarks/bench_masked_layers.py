@@ -1,6 +1,6 @@
 """Masked layers, forward + backward, against the dense nn layer and an eager reference layer.
 
-  dense      the nn layer (nn.Linear / nn.Conv2d) with the same weights: the floor
+  dense      the nn layer (nn.Linear / nn.Conv2d / nn.ConvTranspose2d) with the same weights: the floor
   masked     the masked layer in sparse mode with execution="auto": on CPU the masked-weight path
              (compiled CPU masked_weight kernel when built, then the CPU GEMM); on a GPU the path "auto"
              measured for this shape (rgkernels/sparse_exec.py)
@@ -69,13 +69,17 @@ def _make(kind, wshape, stride, padding, masked):
     if kind == "linear":
         cls = rgkernels.MaskedLinear if masked else nn.Linear
         return cls(wshape[1], wshape[0])
-    cls = rgkernels.MaskedConv2d if masked else nn.Conv2d
+    if kind == "conv_transpose":
+        cls = rgkernels.MaskedConvTranspose2d if masked else nn.ConvTranspose2d
+    else:
+        cls = rgkernels.MaskedConv2d if masked else nn.Conv2d
     return cls(wshape[1], wshape[0], tuple(wshape[2:]), stride=stride, padding=padding)
 
 
 def _set_sparsity(layer, keep, rows_dead, gen):
     with torch.no_grad():
-        a = layer.weight.detach().abs().reshape(layer.weight.shape[0], -1).float()
+        rows = layer._to_rows(layer.weight.detach())  # one row per output channel (transposed convs too)
+        a = rows.abs().reshape(rows.shape[0], -1).float()
         if keep >= 1.0:
             t = torch.zeros(a.shape[0], device=a.device)
         else:

@@ -17,7 +17,7 @@ SNGAN32 = SNGAN32_G + SNGAN32_D
 
 # ---- single-layer cases with batch sizes (benchmarks/bench_masked_layers.py) ---------------------
 # Each case: (model, name, kind, weight shape, input shape, conv stride, conv padding, on_cpu).
-# kind is "linear" or "conv". Input shapes carry the training batch size of the model. `on_cpu`
+# kind is "linear", "conv" or "conv_transpose" (weight shape given as rows [C_out, C_in, kh, kw] too). Input shapes carry the training batch size of the model. `on_cpu`
 # marks the cases that the CPU run also times (the rest are GPU-only: too slow for a 2-core CPU).
 # StyleGAN2's modulated convs run as grouped per-sample convs in the original code; the plain conv of
 # the same shape stands in for them here.
@@ -47,7 +47,9 @@ LAYER_CASES = [
     ("stylegan2_256", "G.rgb256", "conv", (3, 64, 1, 1), (STYLEGAN2_256_BATCH, 64, 256, 256), 1, 0, False),
     ("stylegan2_256", "D.conv4", "conv", (512, 512, 3, 3), (STYLEGAN2_256_BATCH, 512, 4, 4), 1, 1, True),
     ("stylegan2_256", "D.fc", "linear", (512, 512 * 4 * 4), (STYLEGAN2_256_BATCH, 512 * 4 * 4), 1, 0, False),
-    # FastGAN 256x256 (ngf = ndf = 64): up-block convs output 2x channels for the GLU
+    # FastGAN 256x256 (ngf = ndf = 64): up-block convs output 2x channels for the GLU; its first layer is a
+    # transposed conv from the 256-d noise (1x1) to 4x4 with 2 * 1024 channels
+    ("fastgan256", "G.init", "conv_transpose", (2048, 256, 4, 4), (FASTGAN256_BATCH, 256, 1, 1), 1, 0, True),
     ("fastgan256", "G.up8", "conv", (1024, 1024, 3, 3), (FASTGAN256_BATCH, 1024, 8, 8), 1, 1, True),
     ("fastgan256", "G.up16", "conv", (512, 512, 3, 3), (FASTGAN256_BATCH, 512, 16, 16), 1, 1, False),
     ("fastgan256", "G.up64", "conv", (256, 128, 3, 3), (FASTGAN256_BATCH, 128, 64, 64), 1, 1, False),

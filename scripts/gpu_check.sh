@@ -5,6 +5,9 @@
 #   bash scripts/gpu_check.sh test       the GPU tests (pytest -m gpu) and the CPU tests of the kernels
 #   bash scripts/gpu_check.sh sanitize   compute-sanitizer memcheck + racecheck over the CUDA op tests
 #   bash scripts/gpu_check.sh bench [K]  all GPU benchmarks (or those matching -k K) to a JSON file
+#   bash scripts/gpu_check.sh targets [M] the masked-layer cases the #4 GPU targets need (keep 1.0 step,
+#                                        50% rows fwd_dgrad, their dense baselines), for model M
+#                                        (sngan32, stylegan2_256, fastgan256; default all)
 #
 # Results go to $OUT when set (the device tool copies that folder back), else benchmarks/results/.
 # Each step fits the device tool's 10-minute limit; `build` must have run in the same machine
@@ -44,8 +47,14 @@ case "${1:-}" in
     "$PY" -m pytest benchmarks -k "$filter" --benchmark-only -q -p no:cacheprovider \
       --benchmark-json="$DEST/${tag}_benchmarks_${filter//[^A-Za-z0-9_.-]/_}.json" 2>&1 | tail -5
     ;;
+  targets)
+    model=${2:-}
+    filter="cuda and ${model:+$model and }((step and (dense or keep1.0)) or (fwd_dgrad and (dense or rows50)))"
+    "$PY" -m pytest benchmarks/bench_masked_layers.py -k "$filter" --benchmark-only -q -p no:cacheprovider \
+      --benchmark-json="$DEST/${tag}_targets${model:+_$model}.json" 2>&1 | tail -5
+    ;;
   *)
-    sed -n 2,13p "$0"
+    sed -n 2,16p "$0"
     exit 2
     ;;
 esac
