@@ -34,7 +34,7 @@ identically zero (entirely pruned rows without bias or with a zero bias entry): 
 and in its weight gradient (their dL/dW_hat is exactly 0). Its input gradient skips them only when the
 chain's derivative at 0 is 0 (ReLU, ReLU6), since otherwise the previous layer's threshold gradient needs
 it. Both layers must run "fused" in the same call of the Sequential (checked per call). Not handled:
-anything else (residual blocks, normalisation, flatten between conv and linear, shared modules called
+transposed convs, and anything else (residual blocks, normalisation, flatten between conv and linear, shared modules called
 outside the Sequential), which simply runs without input-channel skipping.
 
 Executed FLOPs: the fused kernels add what they multiply into a per-layer int64 device counter

@@ -378,7 +378,7 @@ _COMPILE = textwrap.dedent("""
             return call
     U.require = lambda kernels, device, op: kernels.build() and False
     for mod, names in ((S, ["_k_mask_stats"]), (L, ["_k_lin_fwd", "_k_lin_wgrad"]),
-                       (C, ["_k_conv_fwd", "_k_conv_dgrad"])):
+                       (C, ["_k_conv_fwd", "_k_conv_dgrad", "_k_conv_wgrad"])):
         mod._KERNELS.build()
         for n in names:
             setattr(mod, n, Compile(getattr(mod, n)))
@@ -393,17 +393,19 @@ _COMPILE = textwrap.dedent("""
                   None, None, fl, [8, 8], [2, 2], [1, 1], [1, 1], False)
     wt = torch.randn(32, 64, 4, 4, dtype=dt).transpose(0, 1)  # transposed conv: rows view of [Ci, Co, KH, KW]
     S._impl(wt.flatten(2), t, b, 0.01)
-    C._fwd_impl(torch.randn(2, 32, 8, 8, dtype=dt), wt, t, b, perm, nl, None, None, fl, [2, 2], [1, 1], [1, 1],
-                True, [0, 0])
+    xt, dyt = torch.randn(2, 32, 8, 8, dtype=dt), torch.randn(2, 64, 16, 16, dtype=dt)
+    C._fwd_impl(xt, wt, t, b, perm, nl, None, None, fl, [2, 2], [1, 1], [1, 1], True, [0, 0])
+    C._dgrad_impl(dyt, wt, t, perm, nl, None, None, fl, [8, 8], [2, 2], [1, 1], [1, 1], True)
+    C._wgrad_impl(dyt, xt, wt, t, None, None, 0, fl, [2, 2], [1, 1], [1, 1], True)
     print(done)
-    assert len(done) == 6 and all(mma for name, mma in done if name != "_k_mask_stats"), done
+    assert len(done) == 8 and all(mma for name, mma in done if name != "_k_mask_stats"), done
 """)
 
 
 def test_compiles_for_sm90():
     """The GEMM kernels compile for an H100 (tensor-core MMAs in the PTX) without a GPU: bfloat16
     forward with input compaction, the weight gradient with its epilogue, the conv input gradient,
-    the mask statistics of a transposed conv's 3-D row view and its forward."""
+    the mask statistics of a transposed conv's 3-D row view and its three kernels."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.backends.nvidia import compiler  # noqa: F401
