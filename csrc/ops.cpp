@@ -167,9 +167,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "masked_linear_cpu",
       [](const at::Tensor& input, const at::Tensor& weight, const at::Tensor& threshold,
-         const std::optional<at::Tensor>& bias, int64_t grad_mode, double guard_ratio) {
+         const std::optional<at::Tensor>& bias, int64_t grad_mode, double guard_ratio, int64_t gemm) {
         std::vector<at::Tensor> r =
-            rgkernels::cpu::masked_linear_autograd(input, weight, threshold, bias, grad_mode, guard_ratio);
+            rgkernels::cpu::masked_linear_autograd(input, weight, threshold, bias, grad_mode, guard_ratio, gemm);
         // Live rows as None when nothing was skipped: read here (a CPU scalar) so that Python does
         // not pay a tensor read in every forward.
         const bool compacted = r[3].data_ptr<int64_t>()[0] >= 0;
@@ -177,8 +177,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       pybind11::arg("input"),
         pybind11::arg("weight"), pybind11::arg("threshold"), pybind11::arg("bias"), pybind11::arg("grad_mode"),
-        pybind11::arg("guard_ratio"),
-        "(y, W_hat, keep counts, live rows [1] or None) of F.linear(input, W * M, bias) as one C++ autograd node (CPU)");
+        pybind11::arg("guard_ratio"), pybind11::arg("gemm") = -1,
+        "(y, W_hat, keep counts, live rows [1] or None) of F.linear(input, W * M, bias) as one C++ autograd node "
+        "(CPU); gemm: 0 ATen's GEMMs, 1 the micro-kernel, -1 the process-wide choice (a pinned one always wins)");
   m.def(
       "_set_double_backward",
       [](pybind11::function fn) {
@@ -215,7 +216,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GEMMs of the CPU masked linear: 'ukernel' (oneDNN micro-kernel blocks) or 'aten'");
   m.def("cpu_gemm_reason", &rgkernels::cpu::gemm_backend_reason, "why cpu_gemm() is 'aten' ('' when not)");
   m.def("set_cpu_gemm", &rgkernels::cpu::set_gemm_backend, pybind11::arg("name"),
-        "forces the CPU masked linear's GEMMs to 'aten' or 'ukernel' (tests, benchmarks); returns the one in use");
+        "pins the CPU masked linear's GEMMs to 'aten' or 'ukernel' for every layer (tests, benchmarks), or 'auto' "
+        "(unpinned: each layer shape measured); returns the process-wide one");
+  m.def("cpu_gemm_pinned", &rgkernels::cpu::gemm_pinned,
+        "whether RGKERNELS_CPU_GEMM or set_cpu_gemm pinned the GEMM choice (else measured per layer shape)");
+  m.def("cpu_ukernel_available", &rgkernels::cpu::ukernel_available,
+        "whether oneDNN's micro-kernel runs on this CPU and build");
   m.def("set_cpu_isa", &rgkernels::cpu::set_isa, pybind11::arg("name"),
         "switches the CPU row kernels to another instruction set (tests, benchmarks); returns the "
         "one in use");

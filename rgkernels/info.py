@@ -57,6 +57,7 @@ def collect() -> Dict:
             "error": _backend.extension_error(),
             "build": _backend.build_info(),
             "cpu_gemm_reason": ext.cpu_gemm_reason() if ext is not None else None,
+            "cpu_gemm_pinned": ext.cpu_gemm_pinned() if ext is not None and hasattr(ext, "cpu_gemm_pinned") else None,
             "cpu_pool": dict(ext.cpu_pool_stats()) if ext is not None else None,
         },
         "ops": {},
@@ -97,8 +98,13 @@ def main(argv=None) -> int:
                   f"RGKERNELS_CPU_ISA picks another)")
         if b.get("cpu_gemm"):
             why = ext.get("cpu_gemm_reason")
-            print(f"cpu gemm      masked linear GEMMs on {b['cpu_gemm']}"
-                  + (f" ({why})" if why else " (oneDNN BRGeMM micro-kernel; RGKERNELS_CPU_GEMM=aten for ATen's)"))
+            if why and why != "RGKERNELS_CPU_GEMM=aten":  # no micro-kernel here
+                print(f"cpu gemm      masked linear GEMMs on aten ({why})")
+            elif ext.get("cpu_gemm_pinned"):
+                print(f"cpu gemm      masked linear GEMMs pinned to {b['cpu_gemm']} (RGKERNELS_CPU_GEMM)")
+            else:
+                print("cpu gemm      masked linear GEMMs: oneDNN micro-kernel or ATen's, the faster per layer shape "
+                      "(timed at its first call; RGKERNELS_CPU_GEMM=aten|ukernel pins one)")
         pool = ext.get("cpu_pool")
         if pool:
             print(f"cpu pool      {pool['cached_bytes'] / 2**20:.1f} MB cached of {pool['limit_bytes'] / 2**20:.0f} MB "

@@ -231,9 +231,11 @@ class MaskedLayer:
         if not cpu_masked_linear.applies(x2, w2, threshold, bias):
             return None
         self._hook_stored_weight()
-        guard = self.guard_ratio
-        return cpu_masked_linear.masked_linear_cpu(x2, w2, threshold, bias, _grad_mode_id(self.grad_mode),
-                                                   -1.0 if guard is None else float(guard))
+        gm, guard = _grad_mode_id(self.grad_mode), self.guard_ratio
+        guard = -1.0 if guard is None else float(guard)
+        return cpu_masked_linear.masked_linear_cpu(x2, w2, threshold, bias, gm, guard,
+                                                   gemm=cpu_masked_linear.gemm_choice(x2, w2, threshold, bias, gm,
+                                                                                      guard))
 
     def _record_live(self, n_live: Tensor, cout: int, cin: int, khkw: int) -> None:
         """Entirely pruned GEMM rows were skipped: what count_flops reports as executed."""

@@ -212,7 +212,7 @@ def _load_disk() -> None:
                                                  f"({type(exc).__name__}); measuring again")
         return
     for k, v in data.get("decisions", {}).items():
-        if v in ("masked_weight", "fused"):
+        if v in ("masked_weight", "fused", "aten", "ukernel"):  # layer paths; CPU GEMM paths (cpu_masked_linear)
             _DECISIONS.setdefault(k, v)
 
 
@@ -245,6 +245,16 @@ def decisions() -> Dict[str, str]:
     with _LOCK:
         _load_disk()
         return dict(_DECISIONS)
+
+
+def cached_decision(key: str) -> Optional[str]:
+    """The decision for `key` if one is cached (in memory, or in the disk cache once read), else None."""
+    hit = _DECISIONS.get(key)
+    if hit is None and _CACHE_LOADED != _cache_path():
+        with _LOCK:
+            _load_disk()
+            hit = _DECISIONS.get(key)
+    return hit
 
 
 def clear_decisions() -> None:
@@ -733,5 +743,5 @@ def record_executed(layer, uses: int):
 
 
 __all__ = ["EXECUTION_MODES", "set_execution", "default_execution", "resolve", "fused_support", "decide",
-           "decisions", "clear_decisions", "set_decision_cache", "compaction", "live_rows", "compact_chains",
+           "cached_decision", "decisions", "clear_decisions", "set_decision_cache", "compaction", "live_rows", "compact_chains",
            "executed_flops", "reset_executed_flops", "exec_record", "record_executed"]

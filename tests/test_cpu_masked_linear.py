@@ -193,9 +193,9 @@ def count_fused_calls():
     calls = []
     real = cpu_masked_linear.masked_linear_cpu
 
-    def spy(*a):
+    def spy(*a, **kw):
         calls.append(a)
-        return real(*a)
+        return real(*a, **kw)
 
     cpu_masked_linear.masked_linear_cpu = spy
     try:

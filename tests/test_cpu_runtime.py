@@ -99,8 +99,69 @@ def test_gemm_choice_from_the_environment():
     r = _run("import torch, rgkernels; l = rgkernels.MaskedLinear(4, 3); l(torch.randn(2, 4))",
              RGKERNELS_CPU_GEMM="mkl")
     assert r.returncode != 0 and "RGKERNELS_CPU_GEMM" in r.stderr and "'mkl'" in r.stderr
-    with pytest.raises(RuntimeError, match="'aten' or 'ukernel'"):
+    with pytest.raises(RuntimeError, match="'aten', 'ukernel' or 'auto'"):
         ext.set_cpu_gemm("mkl")
+
+
+def _ran_aten_gemms(fn):
+    """Whether `fn` ran ATen GEMMs (aten::mm / aten::addmm in the profiler; the micro-kernel path has none)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.name in ("aten::mm", "aten::addmm", "aten::mm.out") for e in prof.events())
+
+
+@pytest.mark.skipif("ukernel" not in cpu_gemms(), reason="no oneDNN micro-kernel on this CPU / build")
+def test_gemm_argument_of_the_node_and_the_pin():
+    from rgkernels.ops import cpu_masked_linear as CML
+
+    ext = _backend.extension()
+    x, w, t = torch.randn(6, 20, requires_grad=True), torch.randn(12, 20, requires_grad=True), torch.zeros(12)
+    t.requires_grad_()
+
+    def step(gemm):
+        return lambda: CML.masked_linear_cpu(x, w, t, None, 0, -1.0, gemm=gemm)[0].sum().backward()
+
+    with cpu_gemm("auto"):  # unpinned: the node runs what the call says, -1 the build's default
+        assert not ext.cpu_gemm_pinned()
+        assert _ran_aten_gemms(step(0)) and not _ran_aten_gemms(step(1)) and not _ran_aten_gemms(step(-1))
+    for pinned in ("aten", "ukernel"):  # pinned: every call runs the pinned path
+        with cpu_gemm(pinned):
+            assert ext.cpu_gemm_pinned()
+            assert _ran_aten_gemms(step(0)) == _ran_aten_gemms(step(1)) == (pinned == "aten")
+
+
+@pytest.mark.skipif("ukernel" not in cpu_gemms(), reason="no oneDNN micro-kernel on this CPU / build")
+def test_gemm_measured_once_per_layer_shape(monkeypatch):
+    """Unpinned, a layer's first call times both GEMM paths (on copies) and every call of that shape
+    then runs the faster; the decision is cached with the execution decisions."""
+    from rgkernels import sparse_exec as SE
+    from rgkernels.ops import cpu_masked_linear as CML
+
+    with cpu_gemm("auto"):
+        for want, times in (("aten", [1.0, 2.0]), ("ukernel", [2.0, 1.0])):
+            SE.clear_decisions()
+            timed = iter(times)  # decide() times the candidates in order: aten, then ukernel
+
+            def fake_time(fn):
+                fn()  # the candidate must run
+                return next(timed)
+
+            monkeypatch.setattr(CML, "_cpu_time", fake_time)
+            layer = rgkernels.MaskedLinear(24, 16)
+            x = torch.randn(5, 24, requires_grad=True)
+            before = [p.detach().clone() for p in layer.parameters()]
+            _step(layer, x)  # measures
+            (key, got), = SE.decisions().items()
+            assert key.startswith("cpu_gemm|rows5|w(16, 24)|bias1") and got == want
+            monkeypatch.setattr(CML, "_cpu_time", lambda fn: pytest.fail("measured twice"))
+            layer.zero_grad(set_to_none=True)
+            assert _ran_aten_gemms(lambda: _step(layer, x)) == (want == "aten")
+            assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))  # timing runs used copies
+    SE.clear_decisions()
+    with cpu_gemm("aten"):  # pinned: nothing to choose
+        layer = rgkernels.MaskedLinear(8, 4)
+        assert CML.gemm_choice(torch.randn(2, 8), layer.weight, layer.threshold, layer.bias, 0, 0.01) == -1
+    assert SE.decisions() == {}
 
 
 @pytest.mark.skipif("ukernel" not in cpu_gemms(), reason="no oneDNN micro-kernel on this CPU / build")

@@ -50,9 +50,12 @@ constexpr int64_t kBlockElems = 1 << 16;
 
 // Not under a Python dispatch mode (FlopCounterMode, debugging modes): those see ATen ops only, so
 // there the node runs ATen's GEMMs and the mode sees (and counts) them.
-bool use_ukernel(const at::Tensor& weight) {
-  return weight.scalar_type() == at::kFloat && cpu::ukernel_enabled() &&
-         c10::impl::TorchDispatchModeTLS::stack_len() == 0;
+// `gemm`: the layer's measured choice (rgkernels/ops/cpu_masked_linear.py: 0 ATen, 1 micro-kernel),
+// or -1 for the process-wide one; a choice pinned by RGKERNELS_CPU_GEMM / set_cpu_gemm wins.
+bool use_ukernel(const at::Tensor& weight, int64_t gemm) {
+  if (weight.scalar_type() != at::kFloat || c10::impl::TorchDispatchModeTLS::stack_len() != 0) return false;
+  if (gemm < 0 || cpu::gemm_pinned()) return cpu::ukernel_enabled();
+  return gemm == 1 && cpu::ukernel_available();
 }
 
 // Output rows per block of the forward / weight-gradient GEMMs: a [rows, K] block of about 64 KB.
@@ -98,7 +101,7 @@ at::Tensor ukernel_input_grad(const at::Tensor& dy, const at::Tensor& w) {
 
 std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,
                                                      const at::Tensor& weight, const at::Tensor& threshold,
-                                                     int64_t grad_mode);
+                                                     int64_t grad_mode, int64_t gemm);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
@@ -124,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_bwd_cpu
 
   at::Tensor grad_input = input_grad ? at::mm(grad_out, w_hat) : at::empty({0}, input.options());
   at::Tensor grad_bias = bias_grad ? grad_out.sum(0) : at::empty({0}, input.options());
-  auto [grad_weight, grad_threshold] = fused_weight_grad(grad_out, input, weight, threshold, grad_mode);
+  auto [grad_weight, grad_threshold] = fused_weight_grad(grad_out, input, weight, threshold, grad_mode, -1);
   return {grad_input, grad_weight, grad_threshold, grad_bias};
 }
 
@@ -132,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_bwd_cpu
 // masked-weight backward while in cache. Inputs checked by the caller.
 std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,
                                                      const at::Tensor& weight, const at::Tensor& threshold,
-                                                     int64_t grad_mode) {
+                                                     int64_t grad_mode, int64_t gemm) {
   const int64_t K = input.size(1), O = weight.size(0);
   at::Tensor grad_weight = cpu::pooled_empty({O, K}, weight.options());
   at::Tensor grad_threshold = at::empty({O}, threshold.options());
@@ -141,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out,
     return {grad_weight, grad_threshold};
   }
   const bool dst = grad_mode == kGradModeDst;
-  if (use_ukernel(weight)) {
+  if (use_ukernel(weight, gemm)) {
     const int64_t B = input.size(0), R = ukernel_rows(K);
     const at::Tensor dyt = grad_out.t().contiguous();  // [O, B]: the blocks' A operand
     const at::Tensor xc = input.contiguous();
@@ -238,13 +241,13 @@ constexpr int64_t kCompactMinDeadInv = 8;  // compact when dead rows >= 1/8 of t
 
 // y = x w^T (+ bias) and dx = dy w for w = W_hat or its live rows ([n, K], contiguous): on the
 // micro-kernel where use_ukernel says so, else ATen's GEMMs.
-at::Tensor linear_gemm(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& bias) {
-  if (use_ukernel(w)) return ukernel_linear(x2, w, bias);
+at::Tensor linear_gemm(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& bias, int64_t gemm) {
+  if (use_ukernel(w, gemm)) return ukernel_linear(x2, w, bias);
   return bias.defined() ? at::addmm(bias, x2, w.t()) : at::mm(x2, w.t());
 }
 
-at::Tensor input_grad_gemm(const at::Tensor& dy2, const at::Tensor& w) {
-  if (use_ukernel(w)) return ukernel_input_grad(dy2.contiguous(), w);
+at::Tensor input_grad_gemm(const at::Tensor& dy2, const at::Tensor& w, int64_t gemm) {
+  if (use_ukernel(w, gemm)) return ukernel_input_grad(dy2.contiguous(), w);
   return dy2.mm(w);
 }
 
@@ -252,7 +255,7 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& threshold, const std::optional<at::Tensor>& bias,
-                               int64_t grad_mode, double guard_ratio) {
+                               int64_t grad_mode, double guard_ratio, int64_t gemm) {
     auto [w_hat, counts] = call_masked_weight_fwd(weight, threshold, guard_ratio);  // guard: may reset t
     const bool flat = x.dim() != 2;  // F.linear's leading dims, flattened for the GEMMs
     const at::Tensor x2 = flat ? x.reshape({-1, x.size(-1)}) : x;
@@ -269,10 +272,10 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
       // Dead output channels are the bias (or 0): their W_hat rows are zero.
       y = has_bias ? bias->unsqueeze(0).expand({x2.size(0), O}).contiguous() : at::zeros({x2.size(0), O}, x.options());
       if (live.numel() > 0) {
-        y.index_copy_(1, live, linear_gemm(x2, w_live, has_bias ? bias->index_select(0, live) : at::Tensor()));
+        y.index_copy_(1, live, linear_gemm(x2, w_live, has_bias ? bias->index_select(0, live) : at::Tensor(), gemm));
       }
     } else {
-      y = linear_gemm(x2, w_hat, has_bias ? *bias : at::Tensor());
+      y = linear_gemm(x2, w_hat, has_bias ? *bias : at::Tensor(), gemm);
     }
     if (flat) {
       std::vector<int64_t> shape = x.sizes().vec();
@@ -284,6 +287,7 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
     ctx->saved_data["threshold"] = threshold;
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["gemm"] = gemm;
     if (compact) {
       ctx->saved_data["live"] = live;
       ctx->saved_data["w_live"] = w_live;
@@ -296,7 +300,7 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(6);
+    variable_list out(7);  // one per forward argument
     const at::Tensor& dy = grads[0];
     if (!dy.defined()) return out;  // y did not reach the loss
     const auto saved = ctx->get_saved_variables();
@@ -319,19 +323,20 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
     }
     const at::Tensor x2 = flat ? x.reshape({-1, x.size(-1)}) : x;
     const bool compact = ctx->saved_data.count("live") > 0;
+    const int64_t gemm = ctx->saved_data["gemm"].toInt();
     if (need_x) {
       at::Tensor gx;
       if (!compact) {
-        gx = input_grad_gemm(dy2, w_hat);
+        gx = input_grad_gemm(dy2, w_hat, gemm);
       } else {
         const at::Tensor live = ctx->saved_data["live"].toTensor();
-        gx = live.numel() > 0 ? input_grad_gemm(dy2.index_select(1, live), ctx->saved_data["w_live"].toTensor())
+        gx = live.numel() > 0 ? input_grad_gemm(dy2.index_select(1, live), ctx->saved_data["w_live"].toTensor(), gemm)
                               : at::zeros({dy2.size(0), x2.size(1)}, dy2.options());
       }
       out[0] = flat ? gx.view(x.sizes()) : gx;
     }
     if (need_w || need_t) {
-      auto [gw, gt] = fused_weight_grad(dy2, x2, weight, threshold, grad_mode);
+      auto [gw, gt] = fused_weight_grad(dy2, x2, weight, threshold, grad_mode, gemm);
       if (need_w) out[1] = gw;
       if (need_t) out[2] = gt;
     }
@@ -347,11 +352,11 @@ void set_double_backward(DoubleBackwardFn fn) { double_backward_slot() = std::mo
 
 std::vector<at::Tensor> masked_linear_autograd(const at::Tensor& input, const at::Tensor& weight,
                                                const at::Tensor& threshold, const std::optional<at::Tensor>& bias,
-                                               int64_t grad_mode, double guard_ratio) {
+                                               int64_t grad_mode, double guard_ratio, int64_t gemm) {
   TORCH_CHECK(input.dim() >= 1 && weight.dim() == 2 && input.size(-1) == weight.size(1),
               "masked_linear_cpu: input [..., ", weight.dim() == 2 ? weight.size(1) : -1,
               "] and a 2-D weight expected, got ", input.sizes(), " and ", weight.sizes());
-  return MaskedLinearFn::apply(input, weight, threshold, bias, grad_mode, guard_ratio);
+  return MaskedLinearFn::apply(input, weight, threshold, bias, grad_mode, guard_ratio, gemm);
 }
 
 }  // namespace cpu

@@ -15,10 +15,11 @@ namespace cpu {
 // §2; live rows: int64 [1], the output channels the GEMMs ran when entirely pruned rows were left
 // out of them, else -1.
 // weight [out, in], threshold float32 [out] (reset in place by the collapse guard; guard_ratio < 0
-// disables it), grad_mode 0 = "dst", 1 = "masked".
+// disables it), grad_mode 0 = "dst", 1 = "masked"; gemm 0 = ATen's GEMMs, 1 = the micro-kernel's,
+// -1 = the process-wide choice (a choice pinned by RGKERNELS_CPU_GEMM / set_cpu_gemm always wins).
 std::vector<at::Tensor> masked_linear_autograd(const at::Tensor& input, const at::Tensor& weight,
                                                const at::Tensor& threshold, const std::optional<at::Tensor>& bias,
-                                               int64_t grad_mode, double guard_ratio);
+                                               int64_t grad_mode, double guard_ratio, int64_t gemm);
 
 // Gradients (dx, dW, dt; undefined where not needed) of the node as a differentiable graph, for
 // backward passes with create_graph=True: given (input, weight, threshold, grad_output, grad_mode,

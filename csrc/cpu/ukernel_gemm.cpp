@@ -105,6 +105,7 @@ const Probe& probed() {
 
 // -1: not decided yet (environment), 0: aten, 1: ukernel.
 std::atomic<int> g_choice{-1};
+std::atomic<bool> g_pinned{false};
 
 int decide() {
   int c = g_choice.load();
@@ -116,6 +117,7 @@ int decide() {
   c = want == "aten" ? 0 : (probed().ok ? 1 : 0);
   TORCH_CHECK(!(want == "ukernel" && c == 0), "RGKERNELS_CPU_GEMM=ukernel, but the micro-kernel is not usable: ",
               probed().why);
+  g_pinned.store(!want.empty());
   g_choice.store(c);
   return c;
 }
@@ -131,12 +133,22 @@ std::string gemm_backend_reason() {
   return probed().ok ? "RGKERNELS_CPU_GEMM=aten" : probed().why;
 }
 
+bool ukernel_available() { return probed().ok; }
+
+bool gemm_pinned() {
+  decide();
+  return g_pinned.load();
+}
+
 std::string set_gemm_backend(const std::string& name) {
-  TORCH_CHECK(name == "aten" || name == "ukernel", "set_cpu_gemm: 'aten' or 'ukernel', got '", name, "'");
+  TORCH_CHECK(name == "aten" || name == "ukernel" || name == "auto",
+              "set_cpu_gemm: 'aten', 'ukernel' or 'auto', got '", name, "'");
   if (name == "ukernel") {
     TORCH_CHECK(probed().ok, "set_cpu_gemm: the micro-kernel is not usable here: ", probed().why);
   }
-  g_choice.store(name == "ukernel" ? 1 : 0);
+  decide();  // the environment is read first, so that it cannot override this call later
+  g_choice.store(name == "aten" ? 0 : (probed().ok ? 1 : 0));
+  g_pinned.store(name != "auto");
   return gemm_backend();
 }
 

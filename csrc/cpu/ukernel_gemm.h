@@ -15,7 +15,13 @@ bool ukernel_enabled();
 // "ukernel" or "aten" (what ukernel_enabled() says), and why when "aten".
 std::string gemm_backend();
 std::string gemm_backend_reason();
-// Tests and benchmarks: force "aten" or "ukernel" (raises when unavailable); returns the one in use.
+// Whether the micro-kernel can run here (this CPU and build), whatever the choice.
+bool ukernel_available();
+// Whether RGKERNELS_CPU_GEMM or set_gemm_backend pinned the choice: then every layer uses it, else
+// the layers pick per shape by measurement (rgkernels/ops/cpu_masked_linear.py).
+bool gemm_pinned();
+// Tests and benchmarks: pin "aten" or "ukernel" (raises when unavailable), or "auto": unpinned, the
+// build's default; returns the one in use.
 std::string set_gemm_backend(const std::string& name);
 
 // C[M, N] (row stride ldc) = A[M, K] (row stride lda) * B[K, N] (row stride ldb), plus C when

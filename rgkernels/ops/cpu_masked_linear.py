@@ -10,6 +10,13 @@ with little work per weight (linear layers at GAN batch sizes) is the whole cost
 
 Reference: the composition itself (`masked_weight` on the reference backend, then F.linear), which
 the masked layers run wherever this path does not apply (`applies` says when it does).
+
+GEMMs: float32 layers can run them on oneDNN's micro-kernel blocks or on ATen's (MKL / oneDNN)
+GEMMs, and which is faster depends on the CPU and the shape (BENCHMARKS.md: the micro-kernel was
+~10% faster on an AMD EPYC, ATen 10-30% faster on an Intel Xeon). `gemm_choice` times both once per
+layer shape and thread count (forward + backward on copies) and keeps the faster, in the execution
+decisions of rgkernels.sparse_exec (memory, and RGKERNELS_EXEC_CACHE's file when set). A choice pinned
+with RGKERNELS_CPU_GEMM=aten|ukernel (or `rgkernels._C.set_cpu_gemm`) applies to every layer instead.
 """
 from __future__ import annotations
 
@@ -109,8 +116,8 @@ def _cpp_node():
 
 
 def masked_linear_cpu(x: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor],
-                      grad_mode_id: int, guard_ratio: float,
-                      impl: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                      grad_mode_id: int, guard_ratio: float, impl: Optional[str] = None,
+                      gemm: int = -1) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """(y, W_hat, keep counts, live rows) of F.linear(x, W * M, b), with the gradients of DESIGN.md §2.
 
     `weight` is [out, in] (any strides), `threshold` float32 [out] (reset in place by the collapse
@@ -123,11 +130,73 @@ def masked_linear_cpu(x: Tensor, weight: Tensor, threshold: Tensor, bias: Option
     `impl`: "cpp" (the node in C++: no Python in the forward and backward calls, which on small
     layers is a visible share of the step; the default), or "python" (the same node as an
     autograd.Function; always used under torch.compile, which traces it through the ops' fake
-    implementations)."""
+    implementations).
+
+    `gemm` (C++ node only): 0 ATen's GEMMs, 1 the micro-kernel, -1 the process-wide choice (see
+    `gemm_choice`; a pinned choice always wins)."""
     if impl != "python" and not torch.compiler.is_compiling():
         node = _cpp_node()
         if node is not None:
-            return node(x, weight, threshold, bias, grad_mode_id, guard_ratio)
+            return node(x, weight, threshold, bias, grad_mode_id, guard_ratio, gemm)
         if impl == "cpp":
             raise RuntimeError("masked_linear_cpu: the C++ node needs the compiled extension")
     return (*_MaskedLinearCPU.apply(x, weight, threshold, bias, grad_mode_id, guard_ratio), None)
+
+
+# ---- the GEMM path per layer shape, by measurement -----------------------------------------------
+
+GEMMS = ("aten", "ukernel")  # the C++ node's `gemm` argument is the index
+
+
+def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor], grad_mode_id: int,
+                guard_ratio: float) -> int:
+    """The node's `gemm` argument for this call: the faster GEMM path for its shapes (measured at the
+    first call of each shape, see the module docstring), or -1 where there is nothing to choose (a
+    pinned choice, no micro-kernel here, not float32, inside torch.compile)."""
+    ext = _backend.extension()
+    if (ext is None or weight.dtype != torch.float32 or not hasattr(ext, "cpu_gemm_pinned")
+            or torch.compiler.is_compiling() or ext.cpu_gemm_pinned() or not ext.cpu_ukernel_available()
+            or torch._C._len_torch_dispatch_stack() > 0):  # a dispatch mode would see (count) the timing runs
+        return -1
+    from .. import sparse_exec
+
+    o, k = weight.shape
+    key = f"cpu_gemm|rows{x2.numel() // max(k, 1)}|w{(o, k)}|bias{int(bias is not None)}|threads{torch.get_num_threads()}"
+    hit = sparse_exec.cached_decision(key)
+    if hit is None:
+        hit = sparse_exec.decide(key, _gemm_candidates(x2, weight, threshold, bias, grad_mode_id, guard_ratio),
+                                 _cpu_time)
+    return GEMMS.index(hit)
+
+
+def _gemm_candidates(x2, weight, threshold, bias, grad_mode_id, guard_ratio):
+    """One forward + backward of the node per GEMM path, on copies (the layer is untouched)."""
+    with torch.no_grad():
+        x, w, t = x2.detach().clone(), weight.detach().clone(), threshold.detach().clone()
+        b = None if bias is None else bias.detach().clone().requires_grad_()
+        dy = torch.randn(x.numel() // max(w.shape[1], 1), w.shape[0]).reshape(*x.shape[:-1], w.shape[0])
+    for a in (x, w, t):
+        a.requires_grad_()
+    node = _cpp_node()
+
+    def run(gemm):
+        with torch.enable_grad():
+            node(x, w, t, b, grad_mode_id, guard_ratio, gemm)[0].backward(dy)
+        x.grad = w.grad = t.grad = None
+        if b is not None:
+            b.grad = None
+
+    return {name: (lambda g=i: run(g)) for i, name in enumerate(GEMMS)}
+
+
+def _cpu_time(fn, warmup: int = 1, reps: int = 5) -> float:
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2]
