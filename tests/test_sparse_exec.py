@@ -215,26 +215,6 @@ def test_fused_conv_transpose_layer(kw, hw, call):
 
 
 @needs_triton
-def test_fused_conv_transpose_unbatched_and_spectral_norm():
-    """Spectral norm of a ConvTranspose2d normalises over dim 1: the mask is computed on the effective
-    weight and the stored parameter's gradient is masked with the fused forward's mask."""
-    def make():
-        m = nn.utils.parametrizations.spectral_norm(nn.ConvTranspose2d(4, 5, 3, stride=2, padding=1))
-        rgkernels.sparsify(m)
-        return _prune(m, dead=[2], hi=0.05)
-
-    torch.manual_seed(2)
-    ref, fused = _pair(make)
-    fused.load_state_dict(ref.state_dict())
-    ref.eval()
-    fused.eval()
-    _check_same(ref, fused, torch.randn(4, 3, 3, device=DEV))
-    orig = fused.parametrizations.weight.original
-    assert fused._last_bits is not None
-    assert torch.all(orig.grad[~fused.mask()] == 0) and bool((~fused.mask()).any())
-
-
-@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_linear_low_precision(dtype):
     ref, fused = _pair(lambda: _prune(rgkernels.MaskedLinear(16, 12), dead=[3]).to(dtype))
@@ -267,22 +247,31 @@ def test_collapse_guard_on_fused_path():
     assert rep.weight_grad.executed == rep.weight_grad.dense
 
 
-@needs_triton
-def test_spectral_norm_reparametrised():
-    def make():
-        m = nn.utils.parametrizations.spectral_norm(nn.Linear(8, 6))
-        rgkernels.sparsify(m)
-        return _prune(m, dead=[4], hi=0.1)
+SN_CASES = [  # (module, input shape, dead rows, threshold scale, seed)
+    (lambda: nn.Linear(8, 6), (3, 8), [4], 0.1, 1),
+    # a ConvTranspose2d's spectral norm runs over dim 1 (its output channels); unbatched input
+    (lambda: nn.ConvTranspose2d(4, 5, 3, stride=2, padding=1), (4, 3, 3), [2], 0.05, 2),
+]
 
-    torch.manual_seed(1)
+
+@needs_triton
+@pytest.mark.parametrize("module,shape,dead,hi,seed", SN_CASES, ids=["linear", "conv_transpose"])
+def test_spectral_norm_reparametrised(module, shape, dead, hi, seed):
+    def make():
+        m = nn.utils.parametrizations.spectral_norm(module())
+        rgkernels.sparsify(m)
+        return _prune(m, dead=dead, hi=hi)
+
+    torch.manual_seed(seed)
     ref, fused = _pair(make)
     fused.load_state_dict(ref.state_dict())
     ref.eval()
     fused.eval()  # no power iteration: both see the same effective weight
-    _check_same(ref, fused, torch.randn(3, 8, device=DEV))
+    _check_same(ref, fused, torch.randn(shape, device=DEV))
     # the stored parameter's gradient is masked with the fused forward's mask (bits)
+    assert fused._last_bits is not None
     orig = fused.parametrizations.weight.original
-    assert torch.all(orig.grad[~fused.mask()] == 0)
+    assert bool((~fused.mask()).any()) and torch.all(orig.grad[~fused.mask()] == 0)
 
 
 @needs_triton
