@@ -132,6 +132,32 @@ def test_collapse_guard_in_training(tmp_path):
     assert rgkernels.layer_stats(run.D)[rgkernels.masked_layers(run.D)[2][0]]["keep_ratio"] > 0.01
 
 
+def test_kernel_decisions_are_kept_with_the_run(tmp_path, monkeypatch):
+    """Unpinned, the CPU GEMM path of each layer shape is measured in the first run and saved in the run
+    directory; a later process on that directory (a resume) reads it instead of measuring again. (With
+    --execution auto: the default path computes all masks of a net in one grouped launch and runs
+    ATen's layers, with no CPU masked-linear node to choose a GEMM for.)"""
+    from conftest import cpu_gemm, cpu_gemms
+    from rgkernels import sparse_exec as SE
+    from rgkernels.ops import cpu_masked_linear as CML
+
+    if "ukernel" not in cpu_gemms():
+        pytest.skip("one GEMM path only: nothing is measured")
+    SE.clear_decisions()
+    try:
+        with cpu_gemm("auto"):
+            make_run(tmp_path, "k", execution="auto").train_iteration()
+            saved = json.loads((tmp_path / "k" / "kernel_decisions.json").read_text())["decisions"]
+            assert saved and all(k.startswith("cpu_gemm|") and v in CML.GEMMS for k, v in saved.items())
+            SE.clear_decisions()  # as in a new process
+            monkeypatch.setattr(CML, "_cpu_time", lambda fn: pytest.fail("measured again"))
+            make_run(tmp_path, "k", execution="auto").train_iteration()
+            assert SE.decisions() == saved
+    finally:
+        SE.set_decision_cache(None)
+        SE.clear_decisions()
+
+
 def test_resume_is_exact(tmp_path):
     over = dict(kimg=0.096)  # 6 iterations of 16 real images; evaluations every 2
     a = make_run(tmp_path, "a", **over)

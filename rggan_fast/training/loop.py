@@ -47,6 +47,9 @@ class TrainingInterrupted(Exception):
         self.run_dir, self.step = run_dir, step
 
 
+KERNEL_DECISIONS = "kernel_decisions.json"  # rgkernels.sparse_exec's decision cache, one per run
+
+
 class StopFlag:
     """Set by a signal handler (see train.py); checked by the loop between iterations."""
 
@@ -122,6 +125,12 @@ class TrainingRun:
             np.random.seed(cfg.seed % (2 ** 32))
             random.seed(cfg.seed)
             save_grid(self.data.train.images[:cfg.grid].float() / 127.5 - 1, os.path.join(run_dir, "reals.png"))
+        # Kernel-path decisions (the CPU GEMM per layer shape, "auto" execution on a GPU) are measured
+        # once and kept with the run, so that a resumed run computes on the paths the original chose.
+        if not os.environ.get("RGKERNELS_EXEC_CACHE"):
+            from rgkernels import sparse_exec
+
+            sparse_exec.set_decision_cache(os.path.join(run_dir, KERNEL_DECISIONS))
         self.writer = self._tensorboard()
 
     # ---- helpers -------------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def _gemm_candidates(x2, weight, threshold, bias, grad_mode_id, guard_ratio):
     with torch.no_grad():
         x, w, t = x2.detach().clone(), weight.detach().clone(), threshold.detach().clone()
         b = None if bias is None else bias.detach().clone().requires_grad_()
-        dy = torch.randn(x.numel() // max(w.shape[1], 1), w.shape[0]).reshape(*x.shape[:-1], w.shape[0])
+        gen = torch.Generator().manual_seed(0)  # not the global generator: training stays reproducible
+        dy = torch.randn(x.numel() // max(w.shape[1], 1), w.shape[0], generator=gen).reshape(*x.shape[:-1], w.shape[0])
     for a in (x, w, t):
         a.requires_grad_()
     node = _cpp_node()
