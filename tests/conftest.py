@@ -29,6 +29,24 @@ def _seed():
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _full_fp32_on_gpu():
+    """On a GPU, float32 convolutions in full precision (cuDNN and the Triton conv kernels follow the
+    same setting): the tests compare paths at float32 tolerances, which TF32 rounding would exceed."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        old, conv.fp32_precision = conv.fp32_precision, "ieee"
+        yield
+        conv.fp32_precision = old
+    else:  # older PyTorch
+        old, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+        yield
+        torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _pinned_cpu_gemm():
     """The CPU masked linear's GEMM path pinned to the build's default, so that no result depends on a
     timing; the tests of the per-shape measurement unpin it (cpu_gemm("auto"))."""

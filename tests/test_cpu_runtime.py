@@ -158,6 +158,11 @@ def test_gemm_measured_once_per_layer_shape(monkeypatch):
             assert _ran_aten_gemms(lambda: _step(layer, x)) == (want == "aten")
             assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))  # timing runs used copies
     SE.clear_decisions()
+    with cpu_gemm("auto"), torch.inference_mode():  # no backward to time: the default path, nothing cached
+        layer = rgkernels.MaskedLinear(9, 7)
+        torch.testing.assert_close(layer(torch.ones(2, 9)), torch.nn.functional.linear(
+            torch.ones(2, 9), layer.weight * (layer.weight.abs() > 0), layer.bias))
+    assert SE.decisions() == {}
     with cpu_gemm("aten"):  # pinned: nothing to choose
         layer = rgkernels.MaskedLinear(8, 4)
         assert CML.gemm_choice(torch.randn(2, 8), layer.weight, layer.threshold, layer.bias, 0, 0.01) == -1

@@ -519,6 +519,17 @@ def test_auto_on_gpu_measures_once_and_matches_reference(rows_dead):
     SE.clear_decisions()
 
 
+@pytest.mark.gpu
+def test_auto_on_gpu_conv_transpose_matches_reference():
+    SE.clear_decisions()
+    ref, auto = _pair(lambda: _prune(rgkernels.MaskedConvTranspose2d(64, 32, 4, stride=2, padding=1), dead=range(8),
+                                     hi=0.02), "auto")
+    _check_same(ref, auto, torch.randn(8, 64, 8, 8, device=DEV), rtol=1e-4, atol=1e-5)
+    (key,) = SE.decisions()
+    assert key.startswith("conv_transpose|") and "op(0, 0)" in key
+    SE.clear_decisions()
+
+
 @needs_triton
 def test_chained_model_pickles_and_deepcopies():
     model = _mlp().to(DEV)

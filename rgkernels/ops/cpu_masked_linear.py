@@ -146,17 +146,19 @@ def masked_linear_cpu(x: Tensor, weight: Tensor, threshold: Tensor, bias: Option
 # ---- the GEMM path per layer shape, by measurement -----------------------------------------------
 
 GEMMS = ("aten", "ukernel")  # the C++ node's `gemm` argument is the index
+_UNMEASURABLE = set()  # keys whose timing run failed: the process-wide path, without retrying
 
 
 def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor], grad_mode_id: int,
                 guard_ratio: float) -> int:
     """The node's `gemm` argument for this call: the faster GEMM path for its shapes (measured at the
     first call of each shape, see the module docstring), or -1 where there is nothing to choose (a
-    pinned choice, no micro-kernel here, not float32, inside torch.compile)."""
+    pinned choice, no micro-kernel here, not float32, inside torch.compile, inference mode (no
+    backward to time) or a dispatch mode (it would see, and count, the timing runs)."""
     ext = _backend.extension()
     if (ext is None or weight.dtype != torch.float32 or not hasattr(ext, "cpu_gemm_pinned")
-            or torch.compiler.is_compiling() or ext.cpu_gemm_pinned() or not ext.cpu_ukernel_available()
-            or torch._C._len_torch_dispatch_stack() > 0):  # a dispatch mode would see (count) the timing runs
+            or torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or ext.cpu_gemm_pinned()
+            or not ext.cpu_ukernel_available() or torch._C._len_torch_dispatch_stack() > 0):
         return -1
     from .. import sparse_exec
 
@@ -164,8 +166,16 @@ def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Te
     key = f"cpu_gemm|rows{x2.numel() // max(k, 1)}|w{(o, k)}|bias{int(bias is not None)}|threads{torch.get_num_threads()}"
     hit = sparse_exec.cached_decision(key)
     if hit is None:
-        hit = sparse_exec.decide(key, _gemm_candidates(x2, weight, threshold, bias, grad_mode_id, guard_ratio),
-                                 _cpu_time)
+        if key in _UNMEASURABLE:
+            return -1
+        try:
+            hit = sparse_exec.decide(key, _gemm_candidates(x2, weight, threshold, bias, grad_mode_id, guard_ratio),
+                                     _cpu_time)
+        except RuntimeError as exc:  # e.g. inputs autograd cannot take: run the process-wide path
+            _UNMEASURABLE.add(key)
+            _backend.warn_once(f"cpu-gemm-measure:{key}", f"rgkernels: cannot time the CPU GEMM paths for {key} "
+                                                          f"({str(exc).splitlines()[0]}); using the default")
+            return -1
     return GEMMS.index(hit)
 
 
