@@ -212,6 +212,8 @@ def test_fused_conv_transpose_layer(kw, hw, call):
     assert fused._last_bits is not None and fused._last_masked is None
     assert fused.mask().shape == fused.weight.shape and torch.equal(fused.mask(), ref.mask())
     assert torch.equal(fused.last_counts, ref.last_counts) and int(fused.last_counts[1]) == 0
+    xc = x.contiguous(memory_format=torch.channels_last)  # any input strides
+    torch.testing.assert_close(fused(xc, **call), ref(x, **call), rtol=1e-5, atol=1e-6)
 
 
 @needs_triton
