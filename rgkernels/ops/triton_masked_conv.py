@@ -57,14 +57,19 @@ triton, tl = U.triton, U.tl
 if triton is not None:
     globals().update(U.HELPERS)
 
-    def _tap_gather(o, k, S, P, D, LIM):
-        """Input index feeding output index `o` through kernel tap `k` of a transposed convolution
-        (o = i * S - P + k * D, so i = (o + P - k * D) / S), and whether that is an integer in
-        [0, LIM). The lanes where it is not (about 1 - 1/S of them per axis) load nothing."""
-        n = o + P - k * D
-        n0 = tl.maximum(n, 0)
-        i = n0 // S
-        return i, (n >= 0) & (n0 - i * S == 0) & (i < LIM)
+    def _tap_gather(oh, ow, kh, kw, SH, SW, PH, PW, DH, DW, H, WI):
+        """Input position (ih, iw) feeding output position (oh, ow) through kernel tap (kh, kw) of a
+        transposed convolution (oh = ih * SH - PH + kh * DH, so ih = (oh + PH - kh * DH) / SH), and
+        whether both are integers inside the [H, WI] input. The lanes where they are not (about
+        1 - 1 / (SH * SW) of them) load nothing."""
+        hn = oh + PH - kh * DH
+        wn = ow + PW - kw * DW
+        hn0 = tl.maximum(hn, 0)
+        wn0 = tl.maximum(wn, 0)
+        ih = hn0 // SH
+        iw = wn0 // SW
+        ok = (hn >= 0) & (wn >= 0) & (hn0 - ih * SH == 0) & (wn0 - iw * SW == 0) & (ih < H) & (iw < WI)
+        return ih, iw, ok
 
     def _k_conv_fwd(X, W, T, B, Y, PERM, NL, KPERM, KNL, FLOPS,
                     NB, CI, H, WI, CO, OH, OW,
@@ -110,10 +115,10 @@ if triton is not None:
                 kw = rr % KW
                 ci = _compact_index(KPERM, cpos, km, K_COMPACT)
                 if TRANSPOSED:
-                    ih, okh = _tap_gather(oh[:, None], kh[None, :], SH, PH, DH, H)
-                    iw, okw = _tap_gather(ow[:, None], kw[None, :], SW, PW, DW, WI)
-                    ok = mm[:, None] & km[None, :] & okh & okw
-                else:
+                    ih, iw, ok = _tap_gather(oh[:, None], ow[:, None], kh[None, :], kw[None, :],
+                                             SH, SW, PH, PW, DH, DW, H, WI)
+                    ok = ok & mm[:, None] & km[None, :]
+                else:  # written out here and in the weight gradient: a helper changes their sm_90 SASS
                     ih = oh[:, None] * SH - PH + kh[None, :] * DH
                     iw = ow[:, None] * SW - PW + kw[None, :] * DW
                     ok = mm[:, None] & km[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WI)
@@ -233,9 +238,9 @@ if triton is not None:
                 g = tl.load(DY + rows[:, None] * s_gc + (n.to(tl.int64) * s_gn + oh * s_gh + ow * s_gw)[None, :],
                             mask=rm[:, None] & im[None, :], other=0.0)
                 if TRANSPOSED:
-                    ih, okh = _tap_gather(oh[:, None], kh[None, :], SH, PH, DH, H)
-                    iw, okw = _tap_gather(ow[:, None], kw[None, :], SW, PW, DW, WI)
-                    ok = im[:, None] & cm[None, :] & okh & okw
+                    ih, iw, ok = _tap_gather(oh[:, None], ow[:, None], kh[None, :], kw[None, :],
+                                             SH, SW, PH, PW, DH, DW, H, WI)
+                    ok = ok & im[:, None] & cm[None, :]
                 else:
                     ih = oh[:, None] * SH - PH + kh[None, :] * DH
                     iw = ow[:, None] * SW - PW + kw[None, :] * DW
