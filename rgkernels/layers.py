@@ -15,9 +15,11 @@ The mask is computed on whatever `self.weight` is at forward time, so reparametr
 gradient reaching the stored parameter of such a reparametrisation is multiplied by the same mask
 through a gradient hook on that parameter (§2: pruned entries of the stored weight are frozen).
 
-Masks are not computed in the forward: the last masked weight (the op's output, kept until the next
-forward: one weight-sized tensor per layer) and the keep counts determine them exactly (see
-`_mask_rows`), so statistics and `protect_pruned` add no kernel launch to the forward.
+Masks are not computed separately: what the forward leaves determines them exactly (see `_mask_rows`),
+so statistics and `protect_pruned` add no kernel launch to the forward. That is the bit-packed mask
+(1 bit per weight) where the forward ran the fused GPU kernels or the C++ CPU node (linear layers and
+convs lowered to one), else the masked weight with the keep counts (the op's output, kept until the
+next forward: one weight-sized tensor per layer).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from .sparse_exec import default_execution
 
 # Per-forward caches: dropped on device/dtype moves and on pickling/deepcopy, rebuilt by the next forward.
 _PER_FORWARD = ("last_counts", "_last_masked", "_mask_cache", "_pre_masked", "_last_bits", "_last_rows_shape",
+                "_last_bits_gemm_rows",
                 "_exec_record", "_chain_out")
 # Also dropped on pickling/deepcopy: the copy's parameters are new objects without our gradient hook,
 # and the regeneration snapshot of rgkernels.layer_stats belongs to the original.
@@ -60,6 +63,7 @@ class MaskedLayer:
     # before these existed still load.
     _last_bits = None  # uint8 [C_out, ceil(K/8)]: bit-packed mask of the last fused forward
     _last_rows_shape = None  # the [C_out, ...] shape that mask belongs to
+    _last_bits_gemm_rows = None  # (cout, kh, kw, cin) when the bits are a lowered transposed conv's GEMM rows
     _exec_record = None  # live channel counts of the last forward that skipped GEMM work (count_flops)
     _exec_flops = None  # int64 [3] device counter of the FLOPs the fused kernels ran
     _exec_state = None  # "auto" bookkeeping
@@ -176,12 +180,16 @@ class MaskedLayer:
         d["last_counts"] = counts
         d["_mask_cache"] = d["_last_bits"] = None
 
-    def _record_fused(self, counts: Tensor, bits: Tensor, rows_shape) -> None:
-        """What a fused forward leaves instead of the masked weight: counts and the bit-packed mask."""
-        self.last_counts = counts
-        self._last_bits = bits
-        self._last_rows_shape = tuple(rows_shape)
-        self._last_masked = self._mask_cache = None
+    def _record_fused(self, counts: Tensor, bits: Tensor, rows_shape, gemm_rows=None) -> None:
+        """What a fused forward leaves instead of the masked weight: counts and the bit-packed mask.
+        `gemm_rows` (cout, kh, kw, cin): the bits are rows [(co, i, j), ci] of a transposed conv lowered
+        to a GEMM, not the [C_out, C_in * kh * kw] mask rows."""
+        d = self.__dict__
+        d["last_counts"] = counts
+        d["_last_bits"] = bits
+        d["_last_rows_shape"] = tuple(rows_shape)
+        d["_last_bits_gemm_rows"] = gemm_rows
+        d["_last_masked"] = d["_mask_cache"] = None
 
     def _sparse_forward(self, input: Tensor, **kw) -> Tensor:
         # Plain __dict__ reads: this runs in every forward of every layer (see _record).
@@ -219,8 +227,11 @@ class MaskedLayer:
                                params.get("bias"))
         if out is None:
             return None
-        y, w_hat, counts, n_live = out
-        self._record(w_hat.view(weight.shape) if flat else w_hat, counts)
+        y, stats, counts, n_live = out
+        if stats.dtype == torch.uint8:  # the C++ node: the mask bit-packed, rows [C_out, K]
+            self._record_fused(counts, stats, weight.shape)
+        else:  # the Python node (torch.compile): W_hat
+            self._record(stats.view(weight.shape) if flat else stats, counts)
         if n_live is not None:
             self._record_live(n_live, weight.shape[0], weight.shape[1], weight[0, 0].numel() if flat else 1)
         return self._linear_output(y)
@@ -261,6 +272,10 @@ class MaskedLayer:
         if self._last_bits is not None:
             from .ops.triton_mask_stats import unpack_bits
 
+            lowered = self._last_bits_gemm_rows
+            if lowered is not None:
+                cout, kh, kw, cin = lowered
+                return unpack_bits(self._last_bits, cin).view(cout, kh, kw, cin).permute(0, 3, 1, 2).reshape(cout, -1)
             shape = self._last_rows_shape
             k = 1
             for s in shape[1:]:
@@ -404,12 +419,15 @@ class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
                                None if bias is None else bias.repeat_interleave(k))
         if out is None:
             return None
-        y, w_hat, counts, n_live = out
+        y, stats, counts, n_live = out
         if self.guard_ratio is not None:  # the collapse guard resets t2 in place (all of it, or nothing)
             with torch.no_grad():
                 threshold.copy_(t2.view(cout, k)[:, 0])
-        # W_hat [(co, i, j), ci] -> the [C_out, C_in, kh, kw] row layout (a view); counts per output channel
-        self._record(w_hat.view(cout, kh, kw, cin).permute(0, 3, 1, 2), counts.view(cout, k).sum(1, dtype=torch.int32))
+        counts = counts.view(cout, k).sum(1, dtype=torch.int32)  # per output channel
+        if stats.dtype == torch.uint8:  # bits of the GEMM rows [(co, i, j), ci], unpacked lazily (_mask_rows)
+            self._record_fused(counts, stats, (cout, cin, kh, kw), gemm_rows=(cout, kh, kw, cin))
+        else:  # W_hat [(co, i, j), ci] -> the [C_out, C_in, kh, kw] row layout (a view)
+            self._record(stats.view(cout, kh, kw, cin).permute(0, 3, 1, 2), counts)
         if n_live is not None:
             self._record_live(n_live, cout * k, cin, 1)
         return y.view(input.shape[0], cout, kh, kw)

@@ -13,6 +13,7 @@ from torch import nn
 import rgkernels
 from rgkernels import _backend
 from rgkernels.ops import cpu_masked_linear
+from rgkernels.ops.triton_mask_stats import unpack_bits
 
 from conftest import cpu_gemm, cpu_gemms, cpu_isa as isa
 from test_masked_weight import ref64, rel_err
@@ -52,13 +53,23 @@ def impl(request, monkeypatch):
         yield request.param
 
 
+def mask_of(record, counts, k):
+    """Bool [O, K] mask from a node's mask record: the C++ node's bits, or W_hat (read as the layers read
+    it: zero entries are pruned unless the whole row is kept)."""
+    if record.dtype == torch.uint8:
+        assert record.shape == (counts.numel(), (k + 7) // 8)
+        return unpack_bits(record, k)
+    return (record != 0) | (counts == k)[:, None]
+
+
 def run_fused(x, w, t, b, dy, mode="dst", guard=0.01):
     x, w, t = x.clone().requires_grad_(), w.clone().requires_grad_(), t.clone().requires_grad_()
     b = b.clone().requires_grad_() if b is not None else None
     mode_id = {"dst": 0, "masked": 1}[mode]
-    y, w_hat, counts, _ = cpu_masked_linear.masked_linear_cpu(x, w, t, b, mode_id, -1.0 if guard is None else guard)
+    y, record, counts, _ = cpu_masked_linear.masked_linear_cpu(x, w, t, b, mode_id, -1.0 if guard is None else guard)
     y.backward(dy)
-    return y.detach(), x.grad, w.grad, t.grad, None if b is None else b.grad, counts, t.detach(), w_hat
+    mask = mask_of(record, counts, w.shape[1])
+    return y.detach(), x.grad, w.grad, t.grad, None if b is None else b.grad, counts, t.detach(), mask
 
 
 def run_composition(x, w, t, b, dy, mode="dst", guard=0.01, backend="reference"):
@@ -67,7 +78,8 @@ def run_composition(x, w, t, b, dy, mode="dst", guard=0.01, backend="reference")
     w_hat, counts = rgkernels.masked_weight(w, t, mode, guard_ratio=guard, backend=backend, return_counts=True)
     y = F.linear(x, w_hat, b)
     y.backward(dy)
-    return y.detach(), x.grad, w.grad, t.grad, None if b is None else b.grad, counts, t.detach(), w_hat.detach()
+    mask = mask_of(w_hat.detach(), counts, w.shape[1])
+    return y.detach(), x.grad, w.grad, t.grad, None if b is None else b.grad, counts, t.detach(), mask
 
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -79,6 +91,7 @@ SHAPES = [  # (leading dims of x, in K, out O)
     ((2, 3), 37, 53),  # linear on leading dims
     ((4,), 70000, 3),  # K above the block size: one row per block
     ((1,), 300, 700),  # a partial last block
+    ((300,), 20, 70),  # more batch rows than one forward / weight-gradient tile (256)
 ]
 
 
@@ -91,10 +104,11 @@ def test_matches_float64(lead, k, o, mode, bias):
     t[0] = -0.1  # a row that keeps everything, zeros included
     b = rand(o, seed=3) if bias else None
     dy = rand(*lead, o, seed=4)
-    y, dx, dw, dt, db, counts, t_after, _ = run_fused(x, w, t, b, dy, mode)
+    y, dx, dw, dt, db, counts, t_after, mask = run_fused(x, w, t, b, dy, mode)
     r_y, r_dx, r_dw, r_dt, r_db, r_counts, r_t = linear_ref64(x, w, t, b, dy, mode)
     assert y.shape == r_y.shape and dx.shape == x.shape and dw.shape == w.shape and dt.shape == t.shape
     assert torch.equal(counts, r_counts) and torch.equal(t_after, r_t.float())
+    assert torch.equal(mask, w.abs() - t_after[:, None] > 0)
     for got, want in ((y, r_y), (dx, r_dx), (dw, r_dw), (dt, r_dt)) + (((db, r_db),) if bias else ()):
         assert rel_err(got, want) <= TOL[torch.float32], rel_err(got, want)
     pruned = (w.abs() - t[:, None] <= 0) & (t[:, None] >= 0)
@@ -114,7 +128,7 @@ def test_dtypes(dtype):
 
 
 def test_forward_and_input_gradient_equal_the_composition_exactly(impl):
-    """Same masked weight: counts, threshold, W_hat and the bias gradient are bit-identical to F.linear on
+    """Same mask: counts, threshold, the mask and the bias gradient are bit-identical to F.linear on
     the compiled masked_weight; so are the forward and the input gradient where the node runs ATen's GEMMs
     (with the micro-kernel they differ by float32 GEMM rounding); the weight gradients differ by the
     blocked GEMM's rounding."""
@@ -123,7 +137,7 @@ def test_forward_and_input_gradient_equal_the_composition_exactly(impl):
     fused = run_fused(x, w, t, b, dy)
     comp = run_composition(x, w, t, b, dy, backend="cpu")
     exact_gemms = impl in ("python", "cpp-aten") or _backend.extension().cpu_gemm() == "aten"
-    for i in (0, 1, 4, 5, 6, 7):  # y, dx, db, counts, t, w_hat
+    for i in (0, 1, 4, 5, 6, 7):  # y, dx, db, counts, t, mask
         if i in (0, 1) and not exact_gemms:
             assert rel_err(fused[i], comp[i]) <= 1e-6, i
         else:
@@ -148,8 +162,8 @@ def test_collapse_guard_resets_threshold():
     x, w = rand(4, 100, seed=1), rand(10, 100, seed=2)
     t = torch.full((10,), 10.0)  # prunes everything: keep ratio 0 <= 1%
     dy = rand(4, 10, seed=4)
-    y, dx, dw, dt, _, counts, t_after, w_hat = run_fused(x, w, t, None, dy)
-    assert torch.equal(t_after, torch.zeros(10)) and torch.equal(w_hat, w) and (counts == 100).all()
+    y, dx, dw, dt, _, counts, t_after, mask = run_fused(x, w, t, None, dy)
+    assert torch.equal(t_after, torch.zeros(10)) and mask.all() and (counts == 100).all()
     r = linear_ref64(x, w, t, None, dy)
     assert rel_err(y, r[0]) <= 1e-6 and rel_err(dw, r[2]) <= 1e-5
     # guard off: stays pruned, output is the bias-free zero
@@ -252,7 +266,7 @@ def test_conv_transpose_of_1x1_map_runs_as_linear_and_matches_reference(bias, mo
     with count_fused_calls() as calls:
         fused = _layer_grads(layer, x)
     counts = layer.last_counts.clone()
-    assert len(calls) == 1 and layer._last_masked.shape == (20, 12, 4, 4)
+    assert len(calls) == 1 and layer._mask_rows().shape == (20, 12 * 4 * 4)
     ref = _layer_grads(layer, x, "reference")
     assert torch.equal(counts, layer.last_counts) and counts.dtype == torch.int32 and counts.shape == (20,)
     assert torch.equal(fused[5], ref[5]) and fused[5].shape == layer.weight.shape, "same mask"
@@ -459,3 +473,60 @@ def test_executed_flops_count_the_compacted_gemms(impl):
     assert lf.input_grad.executed == 2 * 4 * live * 32
     assert lf.weight_grad.executed == 2 * 4 * 16 * 32
     assert lf.forward.active == 2 * 4 * 8 * 32
+
+
+def test_compaction_per_block_of_64_rows(impl):
+    """The micro-kernel path decides per block of 64 rows (>= 1/8 of the block dead), ATen's per layer
+    (>= 1/8 of the layer); the input gradient skips the rows the forward skipped; values as the reference."""
+    o = 200  # blocks of 64, 64, 64, 8 rows
+    x, w = rand(7, 24, seed=1), rand(o, 24, seed=2, scale=0.5)
+    t = thresholds(w, 0.6)
+    dead = list(range(64, 84)) + [3, 30, 130]  # 20 in block 1 (compacted), 1-2 in blocks 0 and 2 (not)
+    t[dead] = w.abs().max() + 1
+    b, dy = rand(o, seed=4), rand(7, o, seed=5)
+    x_, w_, t_, b_ = (a.clone().requires_grad_() for a in (x, w, t, b))
+    y, _, counts, n_live = cpu_masked_linear.masked_linear_cpu(x_, w_, t_, b_, 0, -1.0)
+    y.backward(dy)
+    ukernel = impl != "python" and _backend.extension().cpu_gemm() == "ukernel" and impl != "cpp-aten"
+    if ukernel:
+        assert int(n_live[0]) == o - 20
+    else:  # 23 dead rows are < 1/8 of 200: the layer is not compacted
+        assert n_live is None
+    r = linear_ref64(x, w, t, b, dy, guard=None)
+    for got, want in ((y, r[0]), (x_.grad, r[1]), (w_.grad, r[2]), (t_.grad, r[3]), (b_.grad, r[4])):
+        assert rel_err(got, want) <= TOL[torch.float32], rel_err(got, want)
+    assert torch.equal(y[:, dead], b[dead].expand(7, -1)), "dead outputs are exactly the bias"
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x, w = rand(70, 150, seed=1), rand(333, 150, seed=2, scale=0.5)
+    t, b, dy = thresholds(w), rand(333, seed=3), rand(70, 333, seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_fused(x, w, t, b, dy)
+        torch.set_num_threads(2)
+        two = run_fused(x, w, t, b, dy)
+    finally:
+        torch.set_num_threads(before)
+    for i in (2, 3, 5, 7):  # dW, dt, counts, mask: computed row by row, each row by one thread
+        assert torch.equal(one[i], two[i]), i
+    ukernel = _backend.extension().cpu_gemm() == "ukernel"
+    for i in (0, 1):  # y, dx: every element by one thread on the micro-kernel; ATen's GEMMs may differ
+        assert torch.equal(one[i], two[i]) if ukernel else rel_err(one[i], two[i]) <= 1e-6, i
+
+
+def test_mask_bits_of_nan_inf_and_signed_zeros(impl):
+    """The C++ node's bit-packed mask is the mask of DESIGN.md §2 (|W| - t > 0, false for NaN); W_hat (the
+    Python node's record) cannot tell a pruned NaN (NaN * 0 = NaN) from a kept one."""
+    if impl == "python":
+        pytest.skip("the Python node records W_hat, not the mask")
+    w = rand(3, 19, seed=2)
+    w[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    w[1] = 0.0
+    t = torch.tensor([0.5, -0.1, 0.2])  # row 1: t < 0 keeps every entry, zeros included
+    x, dy = rand(4, 19, seed=1), rand(4, 3, seed=3)
+    _, _, _, _, _, counts, _, mask = run_fused(x, w, t, None, dy, guard=None)
+    want = w.abs() - t[:, None] > 0
+    assert torch.equal(mask, want) and torch.equal(counts, want.sum(1, dtype=torch.int32))
+    assert not mask[0, 0] and mask[0, 1] and mask[0, 2] and mask[1].all()

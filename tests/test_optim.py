@@ -30,9 +30,10 @@ def _setup(opt_name):
     for _ in range(3):  # dense warm-up: nonzero moments / momentum on every weight
         _step(model, opt, x)
     rgkernels.set_sparse(model, True)
-    model(x)  # t = 0: the masked weight is the effective weight
+    with torch.no_grad():  # t = 0: the masked weight is the effective weight
+        eff = {id(l): rgkernels.masked_weight(l._to_rows(l.weight), l.threshold).detach() for l in layers}
     for l in layers:
-        rows = l._last_masked.reshape(l.mask_rows, -1).abs()
+        rows = eff[id(l)].reshape(l.mask_rows, -1).abs()
         with torch.no_grad():
             l.threshold.copy_(rows.median(dim=1).values)  # about half of each row pruned
     return model, opt, layers, x

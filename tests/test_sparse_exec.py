@@ -87,13 +87,14 @@ def test_auto_is_masked_weight_on_cpu():
         warnings.filterwarnings("error", message=".*execution.*", category=rgkernels.RGKernelsWarning)
         y = lin(x)
     assert SE.resolve(lin, x, lin.weight) == "masked_weight"
-    assert lin._last_masked is not None and lin._last_bits is None
+    mask = lin.mask()
+    assert torch.equal(mask, lin.weight.abs() - lin.threshold[:, None] > 0)
     # The CPU masked-weight path of a linear layer (the fused C++ node) leaves the one dead row of six
     # out of its GEMMs and records that for count_flops; without the compiled node nothing is recorded.
     rec = lin._exec_record
     assert rec is None or (int(rec["nlive"][0]) == 5 and rec["cout"] == 6)
     assert SE.decisions() == {}
-    torch.testing.assert_close(y, nn.functional.linear(x, lin._last_masked, lin.bias))
+    torch.testing.assert_close(y, nn.functional.linear(x, lin.weight * mask, lin.bias))
 
 
 @needs_triton
@@ -112,8 +113,11 @@ def test_forced_fused_unavailable_warns_once_and_falls_back():
     lin = rgkernels.MaskedLinear(5, 4).double().to(DEV)
     lin.execution = "fused"
     with pytest.warns(rgkernels.RGKernelsWarning, match="float64"):
-        lin(torch.randn(2, 5, dtype=torch.float64, device=DEV))
-    assert lin._last_bits is None and lin._last_masked is not None
+        x64 = torch.randn(2, 5, dtype=torch.float64, device=DEV)
+        y64 = lin(x64)
+    mask = lin.mask()  # the masked-weight path's statistics
+    assert torch.equal(mask, lin.weight.abs() - lin.threshold[:, None] > 0)
+    torch.testing.assert_close(y64, nn.functional.linear(x64, lin.weight * mask, lin.bias))
 
 
 def test_fused_without_triton_falls_back(monkeypatch):
@@ -140,9 +144,11 @@ def test_fused_linear_layer(shape, grad_mode):
         return m
 
     ref, fused = _pair(make)
-    _check_same(ref, fused, torch.randn(shape, device=DEV))
+    x = torch.randn(shape, device=DEV)
+    _check_same(ref, fused, x)
+    assert SE.resolve(fused, x, fused.weight) == "fused" and SE.resolve(ref, x, ref.weight) == "masked_weight"
     assert fused._last_bits is not None and fused._last_masked is None
-    assert ref._last_bits is None
+    assert torch.equal(fused.mask(), ref.mask()) and torch.equal(fused.last_counts, ref.last_counts)
 
 
 @needs_triton

@@ -29,6 +29,7 @@
 #include "masked_weight_rows.h"
 #include "rgkernels/masked_weight.h"
 #include "ukernel_gemm.h"
+#include "ukernel_masked_linear.h"
 
 namespace rgkernels {
 namespace {
@@ -39,14 +40,12 @@ namespace {
 // and larger blocks fall out of L2, many small ones pay the GEMM call overhead.
 constexpr int64_t kBlockElems = 1 << 16;
 
-// ---- the GEMMs on the micro-kernel (float32 where ukernel_gemm.h has it) ----------------------
+// ---- the GEMM choice ---------------------------------------------------------------------------
 //
-// The three GEMMs of the layer are run as blocks of oneDNN's micro-kernel (ukernel_gemm.cpp) in
-// the layouts the blocks need: the forward as y^T = W_hat x^T (rows of W_hat are the blocks'
-// A operand as stored, x^T is small: [K, batch]), the input gradient as dy W_hat (no copy), the
-// weight gradient as dy^T x by blocks of output rows, each block consumed by the masked-weight
-// backward while in L1/L2. Every block is computed by one thread: results do not depend on the
-// number of threads.
+// The node's micro-kernel path is ukernel_masked_linear.cpp; masked_linear_bwd (the op the Python
+// autograd.Function calls) runs its weight gradient on the micro-kernel too where chosen
+// (fused_weight_grad: blocks of output rows of dy^T x, each consumed by the masked-weight backward
+// while in L1/L2, every block by one thread).
 
 // Not under a Python dispatch mode (FlopCounterMode, debugging modes): those see ATen ops only, so
 // there the node runs ATen's GEMMs and the mode sees (and counts) them.
@@ -60,44 +59,6 @@ bool use_ukernel(const at::Tensor& weight, int64_t gemm) {
 
 // Output rows per block of the forward / weight-gradient GEMMs: a [rows, K] block of about 64 KB.
 int64_t ukernel_rows(int64_t K) { return std::max<int64_t>(4, std::min<int64_t>(64, (1 << 14) / std::max<int64_t>(K, 1))); }
-
-// y [B, O] = x [B, K] w^T + bias, w [O, K] contiguous float32; bias may be undefined.
-at::Tensor ukernel_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
-  const int64_t B = x.size(0), K = x.size(1), O = w.size(0);
-  const at::Tensor xt = x.t().contiguous();  // [K, B]
-  at::Tensor yt = at::empty({O, B}, x.options());
-  const float* wp = w.data_ptr<float>();
-  const float* xp = xt.data_ptr<float>();
-  float* yp = yt.data_ptr<float>();
-  const int64_t R = ukernel_rows(K);
-  at::parallel_for(0, (O + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * R, rb = std::min(R, O - r0);
-      cpu::gemm_f32(rb, B, K, wp + r0 * K, K, xp, B, yp + r0 * B, B, false);
-    }
-    cpu::gemm_release();
-  });
-  at::Tensor y = at::empty({B, O}, x.options());
-  y.copy_(yt.t());
-  if (bias.defined()) y.add_(bias);
-  return y;
-}
-
-// dx [B, K] = dy [B, O] w [O, K], both contiguous float32.
-at::Tensor ukernel_input_grad(const at::Tensor& dy, const at::Tensor& w) {
-  const int64_t B = dy.size(0), O = dy.size(1), K = w.size(1);
-  at::Tensor dx = at::empty({B, K}, dy.options());
-  const float* dyp = dy.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* dxp = dx.data_ptr<float>();
-  constexpr int64_t kCols = 64;  // columns of dx per task
-  at::parallel_for(0, (K + kCols - 1) / kCols, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t c0 = b0 * kCols, c1 = std::min(K, b1 * kCols);
-    cpu::gemm_f32(B, c1 - c0, O, dyp, O, wp + c0, K, dxp + c0, K, false);
-    cpu::gemm_release();
-  });
-  return dx;
-}
 
 std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,
                                                      const at::Tensor& weight, const at::Tensor& threshold,
@@ -224,79 +185,115 @@ cpu::DoubleBackwardFn& double_backward_slot() {
   return fn;
 }
 
-std::tuple<at::Tensor, at::Tensor> call_masked_weight_fwd(const at::Tensor& w, const at::Tensor& t,
-                                                          double guard_ratio) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rgkernels::masked_weight_fwd", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(w, t, guard_ratio);
+// W_hat, counts and bits of all rows (rows split over the threads, each row by one thread); returns
+// the kept entries.
+int64_t mask_all_rows(const at::Tensor& weight, const at::Tensor& threshold, at::Tensor& w_hat, at::Tensor& counts,
+                      at::Tensor& bits) {
+  const int64_t O = weight.size(0), K = weight.size(1);
+  const cpu::FwdLayer L{weight.data_ptr(), w_hat.data_ptr(), threshold.data_ptr<float>(), counts.data_ptr<int32_t>(),
+                        O, K, weight.stride(0), weight.stride(1), threshold.stride(0), weight.scalar_type(),
+                        bits.data_ptr<uint8_t>(), bits.size(1)};
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1));
+  at::parallel_for(0, O, grain, [&](int64_t b, int64_t e) { cpu::fwd_rows(L, b, e, false); });
+  int64_t kept = 0;
+  const int32_t* c = counts.data_ptr<int32_t>();
+  for (int64_t i = 0; i < O; ++i) kept += c[i];
+  return kept;
 }
 
-// Entirely pruned rows (keep count 0: W_hat's row is exactly zero) are left out of the forward and
-// input-gradient GEMMs once they are at least this share of the layer (DESIGN.md §4: those output
-// channels need no compute). The gather of the live rows of W_hat and the scatter of the output
-// columns cost about one pass over W_hat and one over y; the GEMMs shrink by the dead share. The
-// weight-gradient GEMM stays dense (the threshold gradient needs g at every entry).
-constexpr int64_t kCompactMinDeadInv = 8;  // compact when dead rows >= 1/8 of the rows
-
-// y = x w^T (+ bias) and dx = dy w for w = W_hat or its live rows ([n, K], contiguous): on the
-// micro-kernel where use_ukernel says so, else ATen's GEMMs.
-at::Tensor linear_gemm(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& bias, int64_t gemm) {
-  if (use_ukernel(w, gemm)) return ukernel_linear(x2, w, bias);
-  return bias.defined() ? at::addmm(bias, x2, w.t()) : at::mm(x2, w.t());
+// W_hat (a whole [O, K] tensor), keep counts and bit-packed mask, with the collapse guard: the
+// forward of the path on ATen's GEMMs, which run on the whole masked weight.
+at::Tensor full_mask(const at::Tensor& weight, const at::Tensor& threshold, double guard_ratio, at::Tensor& counts,
+                     at::Tensor& bits) {
+  const int64_t O = weight.size(0), K = weight.size(1);
+  at::Tensor w_hat = cpu::pooled_empty({O, K}, weight.options());
+  counts = at::empty({O}, weight.options().dtype(at::kInt));
+  bits = at::empty({O, (K + 7) / 8}, weight.options().dtype(at::kByte));
+  const int64_t kept = mask_all_rows(weight, threshold, w_hat, counts, bits);
+  if (collapsed(kept, O * K, guard_ratio)) {
+    float* t = threshold.data_ptr<float>();
+    for (int64_t r = 0; r < O; ++r) t[r * threshold.stride(0)] = 0.0f;  // in place, as masked_weight_fwd
+    mask_all_rows(weight, threshold, w_hat, counts, bits);
+  }
+  return w_hat;
 }
 
-at::Tensor input_grad_gemm(const at::Tensor& dy2, const at::Tensor& w, int64_t gemm) {
-  if (use_ukernel(w, gemm)) return ukernel_input_grad(dy2.contiguous(), w);
-  return dy2.mm(w);
-}
-
+// Two paths, by the layer's GEMM choice (use_ukernel):
+//  - the oneDNN micro-kernel (float32): ukernel_masked_linear.cpp, the mask applied to blocks of
+//    weight rows in cache (W_hat never written); the backward computes the blocks' mask again.
+//  - ATen's GEMMs (any dtype): W_hat written whole (full_mask) and saved; the GEMMs run on it and
+//    the weight gradient is fused with the masked-weight backward (fused_weight_grad). Output rows
+//    entirely pruned are left out of its forward and input-gradient GEMMs once they are >= 1/8 of
+//    the layer (the gather of the live rows of W_hat costs about one pass over it).
+// Both return the mask bit-packed for the layer's statistics, not W_hat.
 class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& threshold, const std::optional<at::Tensor>& bias,
                                int64_t grad_mode, double guard_ratio, int64_t gemm) {
-    auto [w_hat, counts] = call_masked_weight_fwd(weight, threshold, guard_ratio);  // guard: may reset t
+    const char* op = "masked_linear_cpu";
+    check_fwd_inputs(weight, threshold, op);
+    check_dtype(weight, op);
+    check_cols(weight, op);
+    TORCH_CHECK(grad_mode == kGradModeDst || grad_mode == kGradModeMasked, op,
+                ": grad_mode must be 0 (dst) or 1 (masked), got ", grad_mode);
+    for (const at::Tensor* t : {&x, &weight, &threshold}) {
+      TORCH_CHECK(t->device().is_cpu(), op, ": every tensor must be on the CPU, got ", t->device());
+    }
+    TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": input dtype ", x.scalar_type(),
+                " differs from the weight's ", weight.scalar_type());
+    TORCH_CHECK(!bias.has_value() || !bias->defined() ||
+                    (bias->device().is_cpu() && bias->scalar_type() == weight.scalar_type() &&
+                     bias->dim() == 1 && bias->size(0) == weight.size(0)),
+                op, ": bias must be a CPU tensor [", weight.size(0), "] of the weight's dtype");
     const bool flat = x.dim() != 2;  // F.linear's leading dims, flattened for the GEMMs
     const at::Tensor x2 = flat ? x.reshape({-1, x.size(-1)}) : x;
     const bool has_bias = bias.has_value() && bias->defined();
+    const at::Tensor b = has_bias ? *bias : at::Tensor();
     const int64_t O = weight.size(0);
-    int64_t dead = 0;
-    const int32_t* c = counts.data_ptr<int32_t>();  // a CPU tensor: reading it costs no sync
-    for (int64_t i = 0; i < O; ++i) dead += c[i] == 0;
-    const bool compact = dead > 0 && dead * kCompactMinDeadInv >= O;
-    at::Tensor y, live, w_live;
-    if (compact) {
-      live = at::nonzero(counts).view({-1});
-      w_live = w_hat.index_select(0, live);
-      // Dead output channels are the bias (or 0): their W_hat rows are zero.
-      y = has_bias ? bias->unsqueeze(0).expand({x2.size(0), O}).contiguous() : at::zeros({x2.size(0), O}, x.options());
-      if (live.numel() > 0) {
-        y.index_copy_(1, live, linear_gemm(x2, w_live, has_bias ? bias->index_select(0, live) : at::Tensor(), gemm));
-      }
+    const bool uk = use_ukernel(weight, gemm);
+    at::Tensor y, counts, bits;
+    int64_t ran = O;
+    if (uk) {
+      y = cpu::ukernel_masked_forward(x2, weight, threshold, b, guard_ratio, counts, bits, ran);
+      ctx->save_for_backward({x, weight});
+      ctx->saved_data["counts"] = counts;
     } else {
-      y = linear_gemm(x2, w_hat, has_bias ? *bias : at::Tensor(), gemm);
+      const at::Tensor w_hat = full_mask(weight, threshold, guard_ratio, counts, bits);  // guard: may reset t
+      int64_t dead = 0;
+      const int32_t* c = counts.data_ptr<int32_t>();  // a CPU tensor: reading it costs no sync
+      for (int64_t i = 0; i < O; ++i) dead += c[i] == 0;
+      if (dead > 0 && dead * cpu::kCompactMinDeadInv >= O) {
+        const at::Tensor live = at::nonzero(counts).view({-1});
+        const at::Tensor w_live = w_hat.index_select(0, live);
+        // Dead output channels are the bias (or 0): their W_hat rows are zero.
+        y = has_bias ? b.unsqueeze(0).expand({x2.size(0), O}).contiguous() : at::zeros({x2.size(0), O}, x.options());
+        if (live.numel() > 0) {
+          y.index_copy_(1, live, has_bias ? at::addmm(b.index_select(0, live), x2, w_live.t()) : at::mm(x2, w_live.t()));
+        }
+        ctx->saved_data["live"] = live;
+        ctx->saved_data["w_live"] = w_live;
+        ran = O - dead;
+      } else {
+        y = has_bias ? at::addmm(b, x2, w_hat.t()) : at::mm(x2, w_hat.t());
+      }
+      ctx->save_for_backward({x, weight, w_hat});
     }
     if (flat) {
       std::vector<int64_t> shape = x.sizes().vec();
       shape.back() = O;
       y = y.view(shape);
     }
-    ctx->save_for_backward({x, weight, w_hat});
     // Not a saved variable: the guard's in-place write bumps its version (see masked_weight.py).
     ctx->saved_data["threshold"] = threshold;
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->saved_data["has_bias"] = has_bias;
-    ctx->saved_data["gemm"] = gemm;
-    if (compact) {
-      ctx->saved_data["live"] = live;
-      ctx->saved_data["w_live"] = w_live;
-    }
-    // Live output channels the forward and input-gradient GEMMs ran (-1: all of them, not compacted).
-    at::Tensor n_live = at::full({1}, compact ? O - dead : -1, counts.options().dtype(at::kLong));
-    ctx->mark_non_differentiable({w_hat, counts, n_live});
-    ctx->set_materialize_grads(false);  // no zero-filled gradients for W_hat and the counts
-    return {y, w_hat, counts, n_live};
+    ctx->saved_data["ukernel"] = uk;
+    // Output rows the forward and input-gradient GEMMs ran (-1: all of them, nothing skipped).
+    at::Tensor n_live = at::full({1}, ran == O ? -1 : ran, counts.options().dtype(at::kLong));
+    ctx->mark_non_differentiable({bits, counts, n_live});
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for the mask and the counts
+    return {y, bits, counts, n_live};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -304,7 +301,7 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
     const at::Tensor& dy = grads[0];
     if (!dy.defined()) return out;  // y did not reach the loss
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &w_hat = saved[2];
+    const at::Tensor &x = saved[0], &weight = saved[1];
     const at::Tensor threshold = ctx->saved_data["threshold"].toTensor();
     const int64_t grad_mode = ctx->saved_data["grad_mode"].toInt();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
@@ -322,24 +319,31 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
       return out;
     }
     const at::Tensor x2 = flat ? x.reshape({-1, x.size(-1)}) : x;
-    const bool compact = ctx->saved_data.count("live") > 0;
-    const int64_t gemm = ctx->saved_data["gemm"].toInt();
-    if (need_x) {
-      at::Tensor gx;
-      if (!compact) {
-        gx = input_grad_gemm(dy2, w_hat, gemm);
-      } else {
-        const at::Tensor live = ctx->saved_data["live"].toTensor();
-        gx = live.numel() > 0 ? input_grad_gemm(dy2.index_select(1, live), ctx->saved_data["w_live"].toTensor(), gemm)
-                              : at::zeros({dy2.size(0), x2.size(1)}, dy2.options());
-      }
-      out[0] = flat ? gx.view(x.sizes()) : gx;
-    }
-    if (need_w || need_t) {
-      auto [gw, gt] = fused_weight_grad(dy2, x2, weight, threshold, grad_mode, gemm);
+    at::Tensor gx;
+    if (ctx->saved_data["ukernel"].toBool()) {
+      auto [dx, gw, gt] = cpu::ukernel_masked_backward(dy2, x2, weight, threshold, ctx->saved_data["counts"].toTensor(),
+                                                       grad_mode, need_x, need_w || need_t);
+      gx = dx;
       if (need_w) out[1] = gw;
       if (need_t) out[2] = gt;
+    } else {
+      const at::Tensor& w_hat = saved[2];
+      if (need_x) {
+        if (ctx->saved_data.count("live") == 0) {
+          gx = dy2.mm(w_hat);
+        } else {
+          const at::Tensor live = ctx->saved_data["live"].toTensor();
+          gx = live.numel() > 0 ? dy2.index_select(1, live).mm(ctx->saved_data["w_live"].toTensor())
+                                : at::zeros({dy2.size(0), x2.size(1)}, dy2.options());
+        }
+      }
+      if (need_w || need_t) {
+        auto [gw, gt] = fused_weight_grad(dy2, x2, weight, threshold, grad_mode, 0);
+        if (need_w) out[1] = gw;
+        if (need_t) out[2] = gt;
+      }
     }
+    if (need_x) out[0] = flat ? gx.view(x.sizes()) : gx;
     return out;
   }
 };

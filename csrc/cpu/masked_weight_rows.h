@@ -25,6 +25,10 @@ struct FwdLayer {
   int32_t* counts; // [C]
   int64_t C, K, ws0, ws1, ts;
   at::ScalarType dtype;
+  // Optional: the mask bit-packed, row r at bits + r * bs0, entry j in bit j % 8 of byte j / 8
+  // (the layout of rgkernels/ops/triton_mask_stats.py); nullptr: not written.
+  uint8_t* bits = nullptr;
+  int64_t bs0 = 0;
 };
 
 struct BwdLayer {
@@ -37,8 +41,8 @@ struct BwdLayer {
   at::ScalarType dtype;
 };
 
-// Forward of rows [r0, r1): W_hat and keep counts; t = 0 when zero_threshold (the guard's
-// recomputation). Returns the number of kept entries in those rows. Single-threaded.
+// Forward of rows [r0, r1): W_hat, keep counts (and the bit-packed mask when L.bits is set); t = 0
+// when zero_threshold (the guard's recomputation). Returns the number of kept entries in those rows. Single-threaded.
 int64_t fwd_rows(const FwdLayer& L, int64_t r0, int64_t r1, bool zero_threshold);
 
 // Backward of rows [r0, r1): weight gradient and grad_threshold. `scratch` holds at least K

@@ -1,19 +1,22 @@
 """Masked linear on the CPU in one autograd node: `masked_linear_cpu(x, W, t, b)` = F.linear(x, W * M, b).
 
-Forward: the compiled masked-weight forward (mask, W_hat, keep counts, collapse guard) and the BLAS
-GEMM, exactly as `F.linear(x, masked_weight(W, t), b)` computes them. Backward: the input gradient
-with W_hat, and the weight-gradient GEMM run in blocks of output rows with the masked-weight backward
-(threshold gradient, masked weight gradient, DESIGN.md §2) applied to each block while it is in cache
-(csrc/cpu/masked_linear_cpu.cpp). Against the composition of two autograd nodes this saves the
-weight-sized round trip of dL/dW_hat through memory and one node's Python overhead, which on layers
-with little work per weight (linear layers at GAN batch sizes) is the whole cost of sparse mode.
+Two GEMM paths (csrc/cpu/masked_linear_cpu.cpp):
+- ATen's GEMMs (MKL / oneDNN; any dtype): the compiled masked-weight forward writes W_hat (mask, keep
+  counts, collapse guard) and the GEMMs run on it, exactly as `F.linear(x, masked_weight(W, t), b)`;
+  the backward runs the weight-gradient GEMM in blocks of output rows with the masked-weight backward
+  (threshold gradient, masked weight gradient, DESIGN.md §2) applied to each block while in cache.
+- oneDNN's micro-kernel (float32; csrc/cpu/ukernel_masked_linear.cpp): the mask of a block of 64
+  weight rows goes into a buffer in cache and the micro-kernel reads it from there, so W_hat is never
+  written to memory; the backward computes the blocks' mask again from W and t.
+Against the composition of two autograd nodes this saves the weight-sized round trips through memory
+and one node's Python overhead, which on layers with little work per weight (linear layers at GAN
+batch sizes) is most of the cost of sparse mode. Both hand the layer the mask bit-packed.
 
 Reference: the composition itself (`masked_weight` on the reference backend, then F.linear), which
 the masked layers run wherever this path does not apply (`applies` says when it does).
 
 GEMMs: float32 layers can run them on oneDNN's micro-kernel blocks or on ATen's (MKL / oneDNN)
-GEMMs, and which is faster depends on the CPU and the shape (BENCHMARKS.md: the micro-kernel was
-~10% faster on an AMD EPYC, ATen 10-30% faster on an Intel Xeon). `gemm_choice` times both once per
+GEMMs, and which is faster depends on the CPU and the shape (BENCHMARKS.md). `gemm_choice` times both once per
 layer shape and thread count (forward + backward on copies) and keeps the faster, in the execution
 decisions of rgkernels.sparse_exec (memory, and RGKERNELS_EXEC_CACHE's file when set). A choice pinned
 with RGKERNELS_CPU_GEMM=aten|ukernel (or `rgkernels._C.set_cpu_gemm`) applies to every layer instead.
@@ -118,14 +121,18 @@ def _cpp_node():
 def masked_linear_cpu(x: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor],
                       grad_mode_id: int, guard_ratio: float, impl: Optional[str] = None,
                       gemm: int = -1) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """(y, W_hat, keep counts, live rows) of F.linear(x, W * M, b), with the gradients of DESIGN.md §2.
+    """(y, mask record, keep counts, live rows) of F.linear(x, W * M, b), with the gradients of DESIGN.md §2.
+
+    Mask record: with the C++ node, the mask bit-packed (uint8 [out, ceil(in / 8)], entry j in bit j % 8
+    of byte j / 8, as rgkernels.ops.triton_mask_stats.unpack_bits reads it); with the Python node, W_hat.
 
     `weight` is [out, in] (any strides), `threshold` float32 [out] (reset in place by the collapse
     guard, `guard_ratio` < 0 disables it), `grad_mode_id` 0 = "dst", 1 = "masked". Check `applies`
-    first; W_hat and the counts are for the layer's statistics (not differentiable). Live rows: with
-    the C++ node, entirely pruned output channels (keep count 0) are left out of the forward and
-    input-gradient GEMMs once they are >= 1/8 of the rows; it is then an int64 [1] tensor holding the
-    live channels the GEMMs ran (for executed-FLOP accounting), else None.
+    first; the mask record and the counts are for the layer's statistics (not differentiable). Live
+    rows: with the C++ node, entirely pruned output channels (keep count 0) are left out of the forward
+    and input-gradient GEMMs where they are >= 1/8 of the layer (ATen's GEMMs) or of a block of 64 rows
+    (the micro-kernel); it is then an int64 [1] tensor holding the channels the GEMMs ran (for
+    executed-FLOP accounting), else None.
 
     `impl`: "cpp" (the node in C++: no Python in the forward and backward calls, which on small
     layers is a visible share of the step; the default), or "python" (the same node as an

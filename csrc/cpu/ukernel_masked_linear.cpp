@@ -1,0 +1,348 @@
+// The CPU masked linear on oneDNN's micro-kernel, W_hat never written to memory (DESIGN.md §2, §4).
+//
+// Why: at GAN batch sizes a linear layer does little work per weight (64 multiply-adds per weight
+// and GEMM at batch 64), so every extra pass over a weight-sized tensor is a visible share of the
+// step. Writing W_hat = W * M whole and reading it back in two GEMMs made the masked layer 1.1-1.5x
+// the dense one on an Intel Xeon (BENCHMARKS.md, session 4). Splitting ATen's GEMM into per-block
+// calls to avoid that costs more than it saves (each call packs its operands again: ~30% slower on
+// G.l1's shape, measured), but the micro-kernel is called block by block anyway
+// (ukernel_gemm.cpp) and does not pack. So here the mask of a block of weight rows goes into a
+// buffer in L1/L2 and the micro-kernel reads it from there:
+//
+//   forward  y^T[block] = W_hat[block] x^T, written into y (a transpose of a cache-resident tile)
+//   weight gradient  g[block] = (dy[:, block])^T x (dy's tile transposed in cache), then the
+//            masked-weight backward of masked_weight_rows.cpp on the block while g and W are hot
+//   input gradient  dx[:, cols] = sum over blocks of rows dy[:, rows] W_hat[rows, cols], the mask
+//            of each [rows, cols] tile computed in cache
+//
+// W is read once per GEMM, as the dense layer reads it; the weight gradient is the only
+// weight-sized tensor written. The layer's statistics get the mask bit-packed (1 bit per weight).
+// Every output element is computed by one thread in a fixed order: results do not depend on the
+// number of threads.
+//
+// Entirely pruned rows: a block of kUkRows rows with >= 1/8 of them dead runs its forward GEMM on
+// the live rows only (the gather is free: the block buffer is written anyway; dead outputs are the
+// bias), and the input gradient skips the same rows. The weight-gradient GEMM stays dense: the
+// threshold gradient needs g at every entry.
+#include "ukernel_masked_linear.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// gcc 12's AVX-512 headers start some intrinsics from a self-initialised (undefined) vector, which
+// -Wall reports as uninitialised; the values are never read.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#define RGK_HAVE_AVX512_TRANSPOSE 1
+#else
+#define RGK_HAVE_AVX512_TRANSPOSE 0
+#endif
+
+#include "buffer_pool.h"
+#include "masked_weight_rows.h"
+#include "rgkernels/masked_weight.h"
+#include "ukernel_gemm.h"
+
+namespace rgkernels {
+namespace cpu {
+namespace {
+
+constexpr int64_t kColsChunk = 256;  // columns of x^T (batch rows) per forward GEMM: a [64, 256] tile
+constexpr int64_t kBatchChunk = 256;  // batch rows per weight-gradient GEMM (its reduction)
+constexpr int64_t kDxCols = 64;       // columns of dx per input-gradient task
+constexpr int64_t kDxRows = 256;      // weight rows per input-gradient tile: a [256, 64] tile of W_hat
+
+template <typename T>
+void grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+}
+
+// ---- transpose ------------------------------------------------------------------------------
+
+void transpose_scalar(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+#if RGK_HAVE_AVX512_TRANSPOSE
+// One 16x16 tile: unpack pairs of rows, 4x4 blocks within 128-bit lanes, then the lanes.
+__attribute__((target("avx512f"))) void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 u[16];
+  for (int g = 0; g < 4; ++g) {
+    const __m512 r0 = _mm512_loadu_ps(src + (4 * g) * lds), r1 = _mm512_loadu_ps(src + (4 * g + 1) * lds);
+    const __m512 r2 = _mm512_loadu_ps(src + (4 * g + 2) * lds), r3 = _mm512_loadu_ps(src + (4 * g + 3) * lds);
+    const __m512 lo01 = _mm512_unpacklo_ps(r0, r1), hi01 = _mm512_unpackhi_ps(r0, r1);
+    const __m512 lo23 = _mm512_unpacklo_ps(r2, r3), hi23 = _mm512_unpackhi_ps(r2, r3);
+    // u[4g + c], lane L: rows 4g..4g+3 of column 4L + c
+    u[4 * g + 0] = _mm512_shuffle_ps(lo01, lo23, 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(lo01, lo23, 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(hi01, hi23, 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(hi01, hi23, 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    _mm512_storeu_ps(dst + c * ldd, _mm512_shuffle_f32x4(a, b, 0x88));        // column c
+    _mm512_storeu_ps(dst + (8 + c) * ldd, _mm512_shuffle_f32x4(a, b, 0xDD));  // column 8 + c
+    const __m512 a2 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD), b2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    _mm512_storeu_ps(dst + (4 + c) * ldd, _mm512_shuffle_f32x4(a2, b2, 0x88));   // column 4 + c
+    _mm512_storeu_ps(dst + (12 + c) * ldd, _mm512_shuffle_f32x4(a2, b2, 0xDD));  // column 12 + c
+  }
+}
+
+bool have_avx512() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return ok;
+}
+#endif
+
+}  // namespace
+
+void transpose_f32(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+#if RGK_HAVE_AVX512_TRANSPOSE
+  if (have_avx512()) {
+    const int64_t r16 = rows - rows % 16, c16 = cols - cols % 16;
+    for (int64_t r = 0; r < r16; r += 16)
+      for (int64_t c = 0; c < c16; c += 16) transpose16(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+    transpose_scalar(src + c16, lds, dst + c16 * ldd, ldd, rows, cols - c16);  // right edge
+    transpose_scalar(src + r16 * lds, lds, dst + r16, ldd, rows - r16, c16);    // bottom edge
+    return;
+  }
+#endif
+  transpose_scalar(src, lds, dst, ldd, rows, cols);
+}
+
+int64_t skipped_rows(const int32_t* counts, int64_t O, bool* skip) {
+  int64_t total = 0;
+  for (int64_t r0 = 0; r0 < O; r0 += kUkRows) {
+    const int64_t rb = std::min(kUkRows, O - r0);
+    int64_t dead = 0;
+    for (int64_t i = 0; i < rb; ++i) dead += counts[r0 + i] == 0;
+    const bool compact = dead > 0 && dead * kCompactMinDeadInv >= rb;
+    if (compact) total += dead;
+    if (skip != nullptr)
+      for (int64_t i = 0; i < rb; ++i) skip[r0 + i] = compact && counts[r0 + i] == 0;
+  }
+  return total;
+}
+
+namespace {
+
+FwdLayer rows_of(const at::Tensor& weight, const at::Tensor& threshold, int64_t r0, int64_t c0, int64_t k, float* out,
+                 int32_t* counts, uint8_t* bits = nullptr, int64_t bits_stride = 0) {
+  return FwdLayer{weight.data_ptr<float>() + r0 * weight.stride(0) + c0 * weight.stride(1),
+                  out,
+                  threshold.data_ptr<float>() + r0 * threshold.stride(0),
+                  counts,
+                  0,
+                  k,
+                  weight.stride(0),
+                  weight.stride(1),
+                  threshold.stride(0),
+                  at::kFloat,
+                  bits,
+                  bits_stride};
+}
+
+// One pass of the forward over all blocks (the guard may ask for a second one).
+void forward_pass(const at::Tensor& xt, const at::Tensor& weight, const at::Tensor& threshold, const at::Tensor& bias,
+                  at::Tensor& y, at::Tensor& counts, at::Tensor& bits) {
+  const int64_t O = weight.size(0), K = weight.size(1), B = xt.size(1);
+  const float* xp = xt.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const int64_t bs = bias.defined() ? bias.stride(0) : 0;
+  int32_t* cp = counts.data_ptr<int32_t>();
+  uint8_t* bitp = bits.data_ptr<uint8_t>();
+  const int64_t nbytes = bits.size(1);
+  const int64_t nblocks = (O + kUkRows - 1) / kUkRows;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    // Per-thread buffers, kept between calls (no allocation per forward): the block of W_hat, the
+    // y^T tile and, for compacted blocks, its transpose.
+    thread_local std::vector<float> wb, yt, ytile;
+    thread_local std::vector<int64_t> live;
+    grow(wb, kUkRows * K);
+    grow(yt, kUkRows * kColsChunk);
+    grow(ytile, kUkRows * kColsChunk);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kUkRows, rb = std::min(kUkRows, O - r0);
+      FwdLayer L = rows_of(weight, threshold, r0, 0, K, wb.data(), cp + r0, bitp + r0 * nbytes, nbytes);
+      L.C = rb;
+      fwd_rows(L, 0, rb, false);
+      int64_t dead = 0;
+      for (int64_t i = 0; i < rb; ++i) dead += cp[r0 + i] == 0;
+      const bool compact = dead > 0 && dead * kCompactMinDeadInv >= rb;
+      int64_t n = rb;
+      if (compact) {  // live rows to the front of the block, in order
+        live.clear();
+        for (int64_t i = 0; i < rb; ++i) {
+          if (cp[r0 + i] == 0) continue;
+          const int64_t to = static_cast<int64_t>(live.size());
+          if (to != i) std::memmove(wb.data() + to * K, wb.data() + i * K, K * sizeof(float));
+          live.push_back(i);
+        }
+        n = static_cast<int64_t>(live.size());
+      }
+      for (int64_t m0 = 0; m0 < B; m0 += kColsChunk) {
+        const int64_t mb = std::min(kColsChunk, B - m0);
+        float* yrows = yp + m0 * O + r0;  // y[m0:m0+mb, r0:r0+rb], row stride O
+        if (n > 0) gemm_f32(n, mb, K, wb.data(), K, xp + m0, B, yt.data(), mb, false);
+        if (!compact) {
+          transpose_f32(yt.data(), mb, yrows, O, rb, mb);
+        } else {
+          transpose_f32(yt.data(), mb, ytile.data(), n, n, mb);  // [mb, n]
+          for (int64_t b = 0; b < mb; ++b) {
+            float* yr = yrows + b * O;
+            std::fill(yr, yr + rb, 0.0f);
+            const float* src = ytile.data() + b * n;
+            for (int64_t i = 0; i < n; ++i) yr[live[i]] = src[i];
+          }
+        }
+        if (bp != nullptr) {
+          for (int64_t b = 0; b < mb; ++b) {
+            float* yr = yrows + b * O;
+            for (int64_t i = 0; i < rb; ++i) yr[i] += bp[(r0 + i) * bs];
+          }
+        }
+      }
+    }
+    gemm_release();
+  });
+}
+
+}  // namespace
+
+at::Tensor ukernel_masked_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& threshold,
+                                  const at::Tensor& bias, double guard_ratio, at::Tensor& counts, at::Tensor& bits,
+                                  int64_t& ran_rows) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "ukernel_masked_forward: float32 only");
+  const int64_t O = weight.size(0), K = weight.size(1), B = x2.size(0);
+  counts = at::empty({O}, weight.options().dtype(at::kInt));
+  bits = at::empty({O, (K + 7) / 8}, weight.options().dtype(at::kByte));
+  at::Tensor y = at::empty({B, O}, x2.options());
+  ran_rows = 0;
+  if (O == 0) return y;
+  const at::Tensor xt = x2.t().contiguous();  // [K, B]: the GEMMs' B operand
+  forward_pass(xt, weight, threshold, bias, y, counts, bits);
+  if (guard_ratio >= 0.0) {
+    int64_t kept = 0;
+    const int32_t* c = counts.data_ptr<int32_t>();
+    for (int64_t i = 0; i < O; ++i) kept += c[i];
+    if (collapsed(kept, O * K, guard_ratio)) {
+      float* t = threshold.data_ptr<float>();
+      for (int64_t r = 0; r < O; ++r) t[r * threshold.stride(0)] = 0.0f;  // in place, as masked_weight_fwd
+      forward_pass(xt, weight, threshold, bias, y, counts, bits);
+    }
+  }
+  ran_rows = O - skipped_rows(counts.data_ptr<int32_t>(), O);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at::Tensor& dy2, const at::Tensor& x2,
+                                                                       const at::Tensor& weight,
+                                                                       const at::Tensor& threshold,
+                                                                       const at::Tensor& counts, int64_t grad_mode,
+                                                                       bool need_x, bool need_wt) {
+  const int64_t O = weight.size(0), K = weight.size(1), B = x2.size(0);
+  at::Tensor dx, grad_weight, grad_threshold;
+  const at::Tensor dyc = dy2.contiguous();  // [B, O]
+  const float* dyp = dyc.data_ptr<float>();
+
+  if (need_x) {
+    dx = at::empty({B, K}, x2.options());
+    std::vector<uint8_t> skip_bytes(static_cast<size_t>(O));
+    bool* skip = reinterpret_cast<bool*>(skip_bytes.data());
+    const int64_t nskip = skipped_rows(counts.data_ptr<int32_t>(), O, skip);
+    // Rows the forward's GEMMs ran, and dy's matching columns (gathered once when rows are skipped).
+    std::vector<int64_t> rows;
+    at::Tensor a = dyc;
+    if (nskip > 0) {
+      rows.reserve(static_cast<size_t>(O - nskip));
+      for (int64_t r = 0; r < O; ++r)
+        if (!skip[r]) rows.push_back(r);
+      const at::Tensor idx =
+          at::from_blob(rows.data(), {static_cast<int64_t>(rows.size())}, at::kLong).clone();
+      a = dyc.index_select(1, idx).contiguous();
+    }
+    const int64_t n = nskip > 0 ? static_cast<int64_t>(rows.size()) : O;
+    const float* ap = a.data_ptr<float>();
+    float* dxp = dx.data_ptr<float>();
+    if (n == 0 || B == 0) {
+      dx.zero_();
+    } else {
+      const int64_t ntasks = (K + kDxCols - 1) / kDxCols;
+      at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+        thread_local std::vector<float> tile;  // a [kDxRows, kDxCols] tile of W_hat
+        thread_local std::vector<int32_t> cnt;
+        grow(tile, kDxRows * kDxCols);
+        grow(cnt, kDxRows);
+        for (int64_t task = t0; task < t1; ++task) {
+          const int64_t c0 = task * kDxCols, cw = std::min(kDxCols, K - c0);
+          for (int64_t o0 = 0; o0 < n; o0 += kDxRows) {
+            const int64_t ob = std::min(kDxRows, n - o0);
+            if (nskip == 0) {  // rows o0.. of W_hat, columns c0..c0+cw: one call
+              FwdLayer L = rows_of(weight, threshold, o0, c0, cw, tile.data(), cnt.data());
+              L.C = ob;
+              fwd_rows(L, 0, ob, false);
+            } else {  // the kept rows, one at a time
+              for (int64_t i = 0; i < ob; ++i) {
+                FwdLayer L = rows_of(weight, threshold, rows[o0 + i], c0, cw, tile.data() + i * cw, cnt.data());
+                L.C = 1;
+                fwd_rows(L, 0, 1, false);
+              }
+            }
+            gemm_f32(B, cw, ob, ap + o0, n, tile.data(), cw, dxp + c0, K, o0 > 0);
+          }
+        }
+        gemm_release();
+      });
+    }
+  }
+
+  if (need_wt) {
+    grad_weight = pooled_empty({O, K}, weight.options());
+    grad_threshold = at::empty({O}, threshold.options());
+    if (O > 0 && K > 0) {
+      const at::Tensor xc = x2.contiguous();
+      const float* xp = xc.data_ptr<float>();
+      const bool dst = grad_mode == kGradModeDst;
+      const int64_t nblocks = (O + kUkRows - 1) / kUkRows;
+      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+        thread_local std::vector<float> g, at_;  // dL/dW_hat of the block; dy's tile, transposed
+        thread_local std::vector<double> scratch;  // bwd_rows' products
+        grow(g, kUkRows * K);
+        grow(at_, kUkRows * kBatchChunk);
+        grow(scratch, K);
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t r0 = blk * kUkRows, rb = std::min(kUkRows, O - r0);
+          if (B == 0) std::fill(g.begin(), g.begin() + rb * K, 0.0f);
+          for (int64_t m0 = 0; m0 < B; m0 += kBatchChunk) {
+            const int64_t mb = std::min(kBatchChunk, B - m0);
+            transpose_f32(dyp + m0 * O + r0, O, at_.data(), mb, mb, rb);  // [rb, mb]
+            gemm_f32(rb, K, mb, at_.data(), mb, xp + m0 * K, K, g.data(), K, m0 > 0);
+          }
+          const BwdLayer L{g.data(), weight.data_ptr<float>() + r0 * weight.stride(0),
+                           threshold.data_ptr<float>() + r0 * threshold.stride(0),
+                           grad_weight.data_ptr<float>() + r0 * K, grad_threshold.data_ptr<float>() + r0, rb, K, K, 1,
+                           weight.stride(0), weight.stride(1), threshold.stride(0), K, at::kFloat};
+          bwd_rows(L, 0, rb, dst, scratch.data());
+        }
+        gemm_release();
+      });
+    } else {
+      grad_threshold.zero_();
+    }
+  }
+  return {dx, grad_weight, grad_threshold};
+}
+
+}  // namespace cpu
+}  // namespace rgkernels

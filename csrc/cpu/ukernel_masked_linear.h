@@ -1,0 +1,46 @@
+// The CPU masked linear on oneDNN's micro-kernel with the mask applied to blocks of weight rows in
+// cache: W_hat is never written to memory (ukernel_masked_linear.cpp). float32 only.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace rgkernels {
+namespace cpu {
+
+// Weight rows per block of the forward (and of the rule below).
+constexpr int64_t kUkRows = 64;
+// A block of kUkRows rows is left out of the forward and input-gradient GEMMs (compacted) when at
+// least 1/kCompactMinDeadInv of its rows are entirely pruned (keep count 0: the row of W_hat is
+// zero, its outputs are the bias). Also the rule of the whole-weight path (masked_linear_cpu.cpp).
+constexpr int64_t kCompactMinDeadInv = 8;
+
+// Forward: y [B, O] = x2 [B, K] W_hat^T + bias (bias may be undefined). Writes the keep counts
+// (int32 [O]) and the bit-packed mask (uint8 [O, ceil(K / 8)]); applies the collapse guard
+// (threshold reset in place and everything recomputed when the layer's keep ratio <= guard_ratio;
+// guard_ratio < 0 disables it). Returns y and sets `ran_rows`: the output rows the GEMMs computed
+// (O unless blocks were compacted).
+at::Tensor ukernel_masked_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& threshold,
+                                  const at::Tensor& bias, double guard_ratio, at::Tensor& counts, at::Tensor& bits,
+                                  int64_t& ran_rows);
+
+// Backward (DESIGN.md §2): (dx, dW, dt), undefined where not asked for. `counts`: the forward's
+// (they say which rows its GEMMs skipped; the input gradient skips the same ones). The mask is
+// computed again from W and t in cache, as in the forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at::Tensor& dy2, const at::Tensor& x2,
+                                                                       const at::Tensor& weight,
+                                                                       const at::Tensor& threshold,
+                                                                       const at::Tensor& counts, int64_t grad_mode,
+                                                                       bool need_x, bool need_wt);
+
+// Rows of the forward's blocks that its GEMMs skip, given the keep counts (the rule above).
+int64_t skipped_rows(const int32_t* counts, int64_t O, bool* skip = nullptr);
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols (float32; AVX-512 16x16 tiles
+// where the CPU has them). Exposed for the tests.
+void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t cols);
+
+}  // namespace cpu
+}  // namespace rgkernels
