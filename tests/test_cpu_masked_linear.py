@@ -475,15 +475,16 @@ def test_executed_flops_count_the_compacted_gemms(impl):
     assert lf.forward.active == 2 * 4 * 8 * 32
 
 
-def test_compaction_per_block_of_64_rows(impl):
+@pytest.mark.parametrize("batch", [7, 300])  # input gradient inside the weight-gradient pass / its own pass
+def test_compaction_per_block_of_64_rows(impl, batch):
     """The micro-kernel path decides per block of 64 rows (>= 1/8 of the block dead), ATen's per layer
     (>= 1/8 of the layer); the input gradient skips the rows the forward skipped; values as the reference."""
     o = 200  # blocks of 64, 64, 64, 8 rows
-    x, w = rand(7, 24, seed=1), rand(o, 24, seed=2, scale=0.5)
+    x, w = rand(batch, 24, seed=1), rand(o, 24, seed=2, scale=0.5)
     t = thresholds(w, 0.6)
     dead = list(range(64, 84)) + [3, 30, 130]  # 20 in block 1 (compacted), 1-2 in blocks 0 and 2 (not)
     t[dead] = w.abs().max() + 1
-    b, dy = rand(o, seed=4), rand(7, o, seed=5)
+    b, dy = rand(o, seed=4), rand(batch, o, seed=5)
     x_, w_, t_, b_ = (a.clone().requires_grad_() for a in (x, w, t, b))
     y, _, counts, n_live = cpu_masked_linear.masked_linear_cpu(x_, w_, t_, b_, 0, -1.0)
     y.backward(dy)
@@ -495,7 +496,7 @@ def test_compaction_per_block_of_64_rows(impl):
     r = linear_ref64(x, w, t, b, dy, guard=None)
     for got, want in ((y, r[0]), (x_.grad, r[1]), (w_.grad, r[2]), (t_.grad, r[3]), (b_.grad, r[4])):
         assert rel_err(got, want) <= TOL[torch.float32], rel_err(got, want)
-    assert torch.equal(y[:, dead], b[dead].expand(7, -1)), "dead outputs are exactly the bias"
+    assert torch.equal(y[:, dead], b[dead].expand(batch, -1)), "dead outputs are exactly the bias"
 
 
 def test_results_do_not_depend_on_the_thread_count():

@@ -146,13 +146,15 @@ RGK_ALWAYS_INLINE acc_t pairwise_sum(acc_t* __restrict__ p, int64_t n) {
   return p[0];
 }
 
-// Backward for one row: writes the weight gradient, returns grad_threshold (before the cast to
-// float32). `prod` is scratch of K entries for the products g * W * H'(x).
-template <typename scalar_t, bool kContig, bool kDst>
+// Backward for one row: writes the weight gradient (and, when kWhat, W_hat = W * M into `what`, for
+// a GEMM that needs the masked weight too), returns grad_threshold (before the cast to float32).
+// `prod` is scratch of K entries for the products g * W * H'(x).
+template <typename scalar_t, bool kContig, bool kDst, bool kWhat = false>
 RGK_ALWAYS_INLINE acc_type<scalar_t> bwd_row(const scalar_t* __restrict__ g, int64_t gs,
                                              const scalar_t* __restrict__ w, int64_t ws, int64_t K,
                                              acc_type<scalar_t> t, scalar_t* __restrict__ gw,
-                                             acc_type<scalar_t>* __restrict__ prod) {
+                                             acc_type<scalar_t>* __restrict__ prod,
+                                             scalar_t* __restrict__ what = nullptr) {
   using acc_t = acc_type<scalar_t>;
   for (int64_t j = 0; j < K; ++j) {
     const acc_t wv = elem_load(w + (kContig ? j : j * ws));
@@ -162,6 +164,7 @@ RGK_ALWAYS_INLINE acc_type<scalar_t> bwd_row(const scalar_t* __restrict__ g, int
     const acc_t h = surrogate_grad<acc_t>(x);
     const acc_t m = static_cast<acc_t>(static_cast<int>(x > acc_t(0)));
     prod[j] = (gv * wv) * h;
+    if (kWhat) elem_store(what + j, wv * m);
     if (kDst) {
       elem_store(gw + j, (m * gv) * (acc_t(1) + aw * h));
     } else {
@@ -248,7 +251,11 @@ RGK_ALWAYS_INLINE void bwd_rows_t(const BwdLayer& L, int64_t r0, int64_t r1, boo
     const scalar_t* wr = w + r * L.ws0;
     scalar_t* gwr = gw + r * L.gws0;
     acc_t s;
-    if (contig) {
+    if (L.w_hat != nullptr) {  // contiguous rows only (checked by the caller)
+      scalar_t* whr = static_cast<scalar_t*>(L.w_hat) + r * L.K;
+      s = dst ? bwd_row<scalar_t, true, true, true>(gr, 1, wr, 1, L.K, t, gwr, prod, whr)
+              : bwd_row<scalar_t, true, false, true>(gr, 1, wr, 1, L.K, t, gwr, prod, whr);
+    } else if (contig) {
       s = dst ? bwd_row<scalar_t, true, true>(gr, 1, wr, 1, L.K, t, gwr, prod)
               : bwd_row<scalar_t, true, false>(gr, 1, wr, 1, L.K, t, gwr, prod);
     } else {

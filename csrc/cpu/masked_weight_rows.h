@@ -39,6 +39,9 @@ struct BwdLayer {
   float* gt;  // [C]
   int64_t C, K, gs0, gs1, ws0, ws1, ts, gws0;
   at::ScalarType dtype;
+  // Optional: W_hat = W * M written too, row r at w_hat + r * K (contiguous); only where g and W
+  // have unit inner strides (the caller checks). nullptr: not written.
+  void* w_hat = nullptr;
 };
 
 // Forward of rows [r0, r1): W_hat, keep counts (and the bit-packed mask when L.bits is set); t = 0

@@ -12,11 +12,13 @@
 //   forward  y^T[block] = W_hat[block] x^T, written into y (a transpose of a cache-resident tile)
 //   weight gradient  g[block] = (dy[:, block])^T x (dy's tile transposed in cache), then the
 //            masked-weight backward of masked_weight_rows.cpp on the block while g and W are hot
-//   input gradient  dx[:, cols] = sum over blocks of rows dy[:, rows] W_hat[rows, cols], the mask
-//            of each [rows, cols] tile computed in cache
+//   input gradient  in the same pass where the batch is small next to the layer (the masked-weight
+//            backward also writes the block's W_hat in cache, then dx += dy[:, block] W_hat[block]),
+//            else its own pass: dx[:, cols] = sum over blocks of rows dy[:, rows] W_hat[rows, cols],
+//            the mask of each [rows, cols] tile computed in cache
 //
-// W is read once per GEMM, as the dense layer reads it; the weight gradient is the only
-// weight-sized tensor written. The layer's statistics get the mask bit-packed (1 bit per weight).
+// W is read once in the forward and once in the backward, as the dense layer reads it; the weight
+// gradient is the only weight-sized tensor written. The layer's statistics get the mask bit-packed (1 bit per weight).
 // Every output element is computed by one thread in a fixed order: results do not depend on the
 // number of threads.
 //
@@ -57,6 +59,7 @@ constexpr int64_t kColsChunk = 256;  // columns of x^T (batch rows) per forward 
 constexpr int64_t kBatchChunk = 256;  // batch rows per weight-gradient GEMM (its reduction)
 constexpr int64_t kDxCols = 64;       // columns of dx per input-gradient task
 constexpr int64_t kDxRows = 256;      // weight rows per input-gradient tile: a [256, 64] tile of W_hat
+constexpr int64_t kDxParts = 4;       // partial sums of the input gradient fused into the weight-gradient pass
 
 template <typename T>
 void grow(std::vector<T>& v, int64_t n) {
@@ -256,11 +259,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at:
   const at::Tensor dyc = dy2.contiguous();  // [B, O]
   const float* dyp = dyc.data_ptr<float>();
 
-  if (need_x) {
-    dx = at::empty({B, K}, x2.options());
-    std::vector<uint8_t> skip_bytes(static_cast<size_t>(O));
-    bool* skip = reinterpret_cast<bool*>(skip_bytes.data());
-    const int64_t nskip = skipped_rows(counts.data_ptr<int32_t>(), O, skip);
+  // The input gradient inside the weight-gradient pass (W read once in the backward): the masked-weight
+  // backward writes the block's W_hat in cache too, and dx += dy[:, block] W_hat[block]. The blocks are
+  // split into `parts` fixed ranges, each summed into its own dx by one thread, and the parts added in
+  // order: results independent of the thread count, parallel over at most kDxParts threads. Taken
+  // where those partial sums are small next to W (parts * B <= O: few batch rows per weight row, the
+  // case where weight-sized passes matter); else the input gradient is its own pass over W.
+  const int64_t nblocks = (O + kUkRows - 1) / kUkRows;
+  const int64_t parts = std::min<int64_t>(nblocks, kDxParts);
+  const bool fused_dx = need_x && need_wt && B > 0 && K > 0 && weight.stride(1) == 1 && parts * B <= O;
+  std::vector<uint8_t> skip_bytes(static_cast<size_t>(need_x ? O : 0));
+  bool* skip = reinterpret_cast<bool*>(skip_bytes.data());
+  const int64_t nskip = need_x ? skipped_rows(counts.data_ptr<int32_t>(), O, skip) : 0;
+  if (need_x) dx = at::empty({B, K}, x2.options());
+
+  if (need_x && !fused_dx) {
     // Rows the forward's GEMMs ran, and dy's matching columns (gathered once when rows are skipped).
     std::vector<int64_t> rows;
     at::Tensor a = dyc;
@@ -314,13 +327,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at:
       const at::Tensor xc = x2.contiguous();
       const float* xp = xc.data_ptr<float>();
       const bool dst = grad_mode == kGradModeDst;
-      const int64_t nblocks = (O + kUkRows - 1) / kUkRows;
-      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-        thread_local std::vector<float> g, at_;  // dL/dW_hat of the block; dy's tile, transposed
-        thread_local std::vector<double> scratch;  // bwd_rows' products
+      // dx of parts 1.. (part 0 sums into dx itself)
+      at::Tensor partial = fused_dx && parts > 1 ? at::empty({parts - 1, B, K}, x2.options()) : at::Tensor();
+      // One range of blocks; dx_acc: where its input-gradient share goes (nullptr: not fused).
+      auto run_blocks = [&](int64_t b0, int64_t b1, float* dx_acc) {
+        thread_local std::vector<float> g, at_, wb, ab;  // dL/dW_hat; dy's tile transposed; W_hat; dy's live columns
+        thread_local std::vector<double> scratch;         // bwd_rows' products
+        thread_local std::vector<int64_t> live;
         grow(g, kUkRows * K);
         grow(at_, kUkRows * kBatchChunk);
         grow(scratch, K);
+        if (dx_acc != nullptr) {
+          grow(wb, kUkRows * K);
+          grow(ab, kUkRows * B);
+        }
+        bool started = false;
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t r0 = blk * kUkRows, rb = std::min(kUkRows, O - r0);
           if (B == 0) std::fill(g.begin(), g.begin() + rb * K, 0.0f);
@@ -329,16 +350,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at:
             transpose_f32(dyp + m0 * O + r0, O, at_.data(), mb, mb, rb);  // [rb, mb]
             gemm_f32(rb, K, mb, at_.data(), mb, xp + m0 * K, K, g.data(), K, m0 > 0);
           }
-          const BwdLayer L{g.data(), weight.data_ptr<float>() + r0 * weight.stride(0),
-                           threshold.data_ptr<float>() + r0 * threshold.stride(0),
-                           grad_weight.data_ptr<float>() + r0 * K, grad_threshold.data_ptr<float>() + r0, rb, K, K, 1,
-                           weight.stride(0), weight.stride(1), threshold.stride(0), K, at::kFloat};
+          BwdLayer L{g.data(), weight.data_ptr<float>() + r0 * weight.stride(0),
+                     threshold.data_ptr<float>() + r0 * threshold.stride(0),
+                     grad_weight.data_ptr<float>() + r0 * K, grad_threshold.data_ptr<float>() + r0, rb, K, K, 1,
+                     weight.stride(0), weight.stride(1), threshold.stride(0), K, at::kFloat};
+          if (dx_acc != nullptr) L.w_hat = wb.data();
           bwd_rows(L, 0, rb, dst, scratch.data());
+          if (dx_acc == nullptr) continue;
+          // dx += dy[:, block] W_hat[block], without the rows the forward skipped
+          const float* a = dyp + r0;
+          int64_t lda = O, n = rb;
+          live.clear();
+          for (int64_t i = 0; i < rb; ++i)
+            if (!skip[r0 + i]) live.push_back(i);
+          if (static_cast<int64_t>(live.size()) < rb) {
+            n = static_cast<int64_t>(live.size());
+            for (int64_t li = 0; li < n; ++li)
+              if (live[li] != li) std::memcpy(wb.data() + li * K, wb.data() + live[li] * K, K * sizeof(float));
+            for (int64_t b = 0; b < B; ++b)
+              for (int64_t li = 0; li < n; ++li) ab[b * n + li] = dyp[b * O + r0 + live[li]];
+            a = ab.data();
+            lda = n;
+          }
+          if (n == 0) continue;
+          gemm_f32(B, K, n, a, lda, wb.data(), K, dx_acc, K, started);
+          started = true;
         }
+        if (dx_acc != nullptr && !started) std::fill(dx_acc, dx_acc + B * K, 0.0f);
         gemm_release();
-      });
+      };
+      if (fused_dx) {
+        float* dxp = dx.data_ptr<float>();
+        at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+          for (int64_t p = p0; p < p1; ++p) {
+            float* acc = p == 0 ? dxp : partial.data_ptr<float>() + (p - 1) * B * K;
+            run_blocks(p * nblocks / parts, (p + 1) * nblocks / parts, acc);
+          }
+        });
+        for (int64_t p = 1; p < parts; ++p) dx.add_(partial[p - 1]);  // in order
+      } else {
+        at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) { run_blocks(b0, b1, nullptr); });
+      }
     } else {
       grad_threshold.zero_();
+      if (need_x) dx.zero_();
     }
   }
   return {dx, grad_weight, grad_threshold};
