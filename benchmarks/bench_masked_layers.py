@@ -225,7 +225,7 @@ def _gemm_path_params():
     for p in _paired_params():
         case, sparsity = p.values
         one_position = case[2] == "conv" and tuple(case[3][2:]) == tuple(case[4][2:]) and case[6] == 0
-        if (case[2] == "linear" or one_position) and sparsity in ("keep1.0", "keep0.5", "rows50"):
+        if (case[2] == "linear" or one_position) and sparsity in ("keep1.0", "keep0.5", "rows25", "rows50"):
             out.append(p)
     return out
 

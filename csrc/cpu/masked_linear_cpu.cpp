@@ -223,7 +223,7 @@ at::Tensor full_mask(const at::Tensor& weight, const at::Tensor& threshold, doub
 //    weight rows in cache (W_hat never written); the backward computes the blocks' mask again.
 //  - ATen's GEMMs (any dtype): W_hat written whole (full_mask) and saved; the GEMMs run on it and
 //    the weight gradient is fused with the masked-weight backward (fused_weight_grad). Output rows
-//    entirely pruned are left out of its forward and input-gradient GEMMs once they are >= 1/8 of
+//    entirely pruned are left out of its forward and input-gradient GEMMs once they are >= 1/2 of
 //    the layer (the gather of the live rows of W_hat costs about one pass over it).
 // Both return the mask bit-packed for the layer's statistics, not W_hat.
 class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {

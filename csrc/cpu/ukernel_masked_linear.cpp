@@ -22,7 +22,7 @@
 // Every output element is computed by one thread in a fixed order: results do not depend on the
 // number of threads.
 //
-// Entirely pruned rows: a block of kUkRows rows with >= 1/8 of them dead runs its forward GEMM on
+// Entirely pruned rows: a block of kUkRows rows with >= 1/2 of them dead runs its forward GEMM on
 // the live rows only (the gather is free: the block buffer is written anyway; dead outputs are the
 // bias), and the input gradient skips the same rows. The weight-gradient GEMM stays dense: the
 // threshold gradient needs g at every entry.
@@ -168,13 +168,12 @@ void forward_pass(const at::Tensor& xt, const at::Tensor& weight, const at::Tens
   const int64_t nbytes = bits.size(1);
   const int64_t nblocks = (O + kUkRows - 1) / kUkRows;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    // Per-thread buffers, kept between calls (no allocation per forward): the block of W_hat, the
-    // y^T tile and, for compacted blocks, its transpose.
-    thread_local std::vector<float> wb, yt, ytile;
+    // Per-thread buffers, kept between calls (no allocation per forward): the block of W_hat and the
+    // y^T tile.
+    thread_local std::vector<float> wb, yt;
     thread_local std::vector<int64_t> live;
     grow(wb, kUkRows * K);
     grow(yt, kUkRows * kColsChunk);
-    grow(ytile, kUkRows * kColsChunk);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * kUkRows, rb = std::min(kUkRows, O - r0);
       FwdLayer L = rows_of(weight, threshold, r0, 0, K, wb.data(), cp + r0, bitp + r0 * nbytes, nbytes);
@@ -198,17 +197,17 @@ void forward_pass(const at::Tensor& xt, const at::Tensor& weight, const at::Tens
         const int64_t mb = std::min(kColsChunk, B - m0);
         float* yrows = yp + m0 * O + r0;  // y[m0:m0+mb, r0:r0+rb], row stride O
         if (n > 0) gemm_f32(n, mb, K, wb.data(), K, xp + m0, B, yt.data(), mb, false);
-        if (!compact) {
-          transpose_f32(yt.data(), mb, yrows, O, rb, mb);
-        } else {
-          transpose_f32(yt.data(), mb, ytile.data(), n, n, mb);  // [mb, n]
-          for (int64_t b = 0; b < mb; ++b) {
-            float* yr = yrows + b * O;
-            std::fill(yr, yr + rb, 0.0f);
-            const float* src = ytile.data() + b * n;
-            for (int64_t i = 0; i < n; ++i) yr[live[i]] = src[i];
+        if (compact) {
+          // The n computed rows of y^T back to their places in the block (live[i] >= i: from the
+          // last one, so that no row is overwritten before it moved), zeros in the dead ones.
+          for (int64_t i = n - 1; i >= 0; --i) {
+            if (live[i] != i) std::memcpy(yt.data() + live[i] * mb, yt.data() + i * mb, mb * sizeof(float));
+          }
+          for (int64_t i = 0; i < rb; ++i) {
+            if (cp[r0 + i] == 0) std::fill(yt.data() + i * mb, yt.data() + (i + 1) * mb, 0.0f);
           }
         }
+        transpose_f32(yt.data(), mb, yrows, O, rb, mb);
         if (bp != nullptr) {
           for (int64_t b = 0; b < mb; ++b) {
             float* yr = yrows + b * O;
@@ -264,10 +263,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at:
   // split into `parts` fixed ranges, each summed into its own dx by one thread, and the parts added in
   // order: results independent of the thread count, parallel over at most kDxParts threads. Taken
   // where those partial sums are small next to W (parts * B <= O: few batch rows per weight row, the
-  // case where weight-sized passes matter); else the input gradient is its own pass over W.
+  // case where weight-sized passes matter, and one tile of dy per block); else the input gradient is
+  // its own pass over W.
   const int64_t nblocks = (O + kUkRows - 1) / kUkRows;
   const int64_t parts = std::min<int64_t>(nblocks, kDxParts);
-  const bool fused_dx = need_x && need_wt && B > 0 && K > 0 && weight.stride(1) == 1 && parts * B <= O;
+  const bool fused_dx =
+      need_x && need_wt && B > 0 && B <= kBatchChunk && K > 0 && weight.stride(1) == 1 && parts * B <= O;
   std::vector<uint8_t> skip_bytes(static_cast<size_t>(need_x ? O : 0));
   bool* skip = reinterpret_cast<bool*>(skip_bytes.data());
   const int64_t nskip = need_x ? skipped_rows(counts.data_ptr<int32_t>(), O, skip) : 0;
@@ -364,11 +365,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at:
           for (int64_t i = 0; i < rb; ++i)
             if (!skip[r0 + i]) live.push_back(i);
           if (static_cast<int64_t>(live.size()) < rb) {
+            // The live rows of W_hat, and the matching columns of dy: from dy's tile, which the
+            // weight-gradient GEMM left transposed in at_ ([rb, B]: B <= kBatchChunk here), its
+            // live rows moved up and transposed back.
             n = static_cast<int64_t>(live.size());
-            for (int64_t li = 0; li < n; ++li)
-              if (live[li] != li) std::memcpy(wb.data() + li * K, wb.data() + live[li] * K, K * sizeof(float));
-            for (int64_t b = 0; b < B; ++b)
-              for (int64_t li = 0; li < n; ++li) ab[b * n + li] = dyp[b * O + r0 + live[li]];
+            for (int64_t li = 0; li < n; ++li) {
+              if (live[li] == li) continue;
+              std::memcpy(wb.data() + li * K, wb.data() + live[li] * K, K * sizeof(float));
+              std::memcpy(at_.data() + li * B, at_.data() + live[li] * B, B * sizeof(float));
+            }
+            transpose_f32(at_.data(), B, ab.data(), n, n, B);  // [B, n]
             a = ab.data();
             lda = n;
           }

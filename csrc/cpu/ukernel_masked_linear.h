@@ -14,8 +14,12 @@ namespace cpu {
 constexpr int64_t kUkRows = 64;
 // A block of kUkRows rows is left out of the forward and input-gradient GEMMs (compacted) when at
 // least 1/kCompactMinDeadInv of its rows are entirely pruned (keep count 0: the row of W_hat is
-// zero, its outputs are the bias). Also the rule of the whole-weight path (masked_linear_cpu.cpp).
-constexpr int64_t kCompactMinDeadInv = 8;
+// zero, its outputs are the bias). Also the rule of the whole-weight path (masked_linear_cpu.cpp),
+// per layer. Measured on SNGAN G.l1's shape (4096x128, batch 64, one thread, Intel Xeon; node
+// forward + backward, BENCHMARKS.md "Session 5"): with 25% of the rows dead compacting saved
+// nothing on the micro-kernel and cost ~25% on ATen's GEMMs (the gathers outweigh the shorter
+// GEMMs); with 50% it saved 8% / broke even, with 75% 16% / 18%.
+constexpr int64_t kCompactMinDeadInv = 2;
 
 // Forward: y [B, O] = x2 [B, K] W_hat^T + bias (bias may be undefined). Writes the keep counts
 // (int32 [O]) and the bit-packed mask (uint8 [O, ceil(K / 8)]); applies the collapse guard

@@ -130,7 +130,7 @@ def masked_linear_cpu(x: Tensor, weight: Tensor, threshold: Tensor, bias: Option
     guard, `guard_ratio` < 0 disables it), `grad_mode_id` 0 = "dst", 1 = "masked". Check `applies`
     first; the mask record and the counts are for the layer's statistics (not differentiable). Live
     rows: with the C++ node, entirely pruned output channels (keep count 0) are left out of the forward
-    and input-gradient GEMMs where they are >= 1/8 of the layer (ATen's GEMMs) or of a block of 64 rows
+    and input-gradient GEMMs where they are >= 1/2 of the layer (ATen's GEMMs) or of a block of 64 rows
     (the micro-kernel); it is then an int64 [1] tensor holding the channels the GEMMs ran (for
     executed-FLOP accounting), else None.
 
