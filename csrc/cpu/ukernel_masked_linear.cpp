@@ -123,14 +123,24 @@ void transpose_f32(const float* src, int64_t lds, float* dst, int64_t ldd, int64
   transpose_scalar(src, lds, dst, ldd, rows, cols);
 }
 
+namespace {
+
+// Dead rows (keep count 0) of a block when the block is compacted, else 0.
+int64_t compacted_dead(const int32_t* counts, int64_t rb) {
+  int64_t dead = 0;
+  for (int64_t i = 0; i < rb; ++i) dead += counts[i] == 0;
+  return dead > 0 && dead * kCompactMinDeadInv >= rb ? dead : 0;
+}
+
+}  // namespace
+
 int64_t skipped_rows(const int32_t* counts, int64_t O, bool* skip) {
   int64_t total = 0;
   for (int64_t r0 = 0; r0 < O; r0 += kUkRows) {
     const int64_t rb = std::min(kUkRows, O - r0);
-    int64_t dead = 0;
-    for (int64_t i = 0; i < rb; ++i) dead += counts[r0 + i] == 0;
-    const bool compact = dead > 0 && dead * kCompactMinDeadInv >= rb;
-    if (compact) total += dead;
+    const int64_t dead = compacted_dead(counts + r0, rb);
+    const bool compact = dead > 0;
+    total += dead;
     if (skip != nullptr)
       for (int64_t i = 0; i < rb; ++i) skip[r0 + i] = compact && counts[r0 + i] == 0;
   }
@@ -179,9 +189,7 @@ void forward_pass(const at::Tensor& xt, const at::Tensor& weight, const at::Tens
       FwdLayer L = rows_of(weight, threshold, r0, 0, K, wb.data(), cp + r0, bitp + r0 * nbytes, nbytes);
       L.C = rb;
       fwd_rows(L, 0, rb, false);
-      int64_t dead = 0;
-      for (int64_t i = 0; i < rb; ++i) dead += cp[r0 + i] == 0;
-      const bool compact = dead > 0 && dead * kCompactMinDeadInv >= rb;
+      const bool compact = compacted_dead(cp + r0, rb) > 0;
       int64_t n = rb;
       if (compact) {  // live rows to the front of the block, in order
         live.clear();
