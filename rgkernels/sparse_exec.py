@@ -265,17 +265,22 @@ def clear_decisions() -> None:
         _CACHE_LOADED = None
 
 
-def decide(key: str, candidates: Dict[str, Callable[[], None]], timer: Optional[Callable] = None) -> str:
+def decide(key: str, candidates: Dict[str, Callable[[], None]], timer: Optional[Callable] = None,
+           timer_all: Optional[Callable] = None) -> str:
     """The cached decision for `key`, or the fastest of `candidates` (name -> a closure running one
-    forward + backward), timed once with `timer(fn) -> seconds` and cached. "fused" must beat
-    "masked_weight" by HYSTERESIS."""
+    forward + backward), timed once with `timer(fn) -> seconds` per candidate, or with
+    `timer_all(candidates) -> {name: seconds}` (all of them in one go, e.g. interleaved), and cached.
+    "fused" must beat "masked_weight" by HYSTERESIS."""
     with _LOCK:
         _load_disk()
         hit = _DECISIONS.get(key)
     if hit is not None:
         return hit
-    timer = timer or _cuda_time
-    times = {name: timer(fn) for name, fn in candidates.items()}
+    if timer_all is not None:
+        times = timer_all(candidates)
+    else:
+        timer = timer or _cuda_time
+        times = {name: timer(fn) for name, fn in candidates.items()}
     best = min(times, key=times.get)
     if best == "fused" and "masked_weight" in times and times["fused"] > HYSTERESIS * times["masked_weight"]:
         best = "masked_weight"

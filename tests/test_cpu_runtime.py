@@ -142,20 +142,20 @@ def test_gemm_measured_once_per_layer_shape(monkeypatch):
     with cpu_gemm("auto"):
         for want, times in (("aten", [1.0, 2.0]), ("ukernel", [2.0, 1.0])):
             SE.clear_decisions()
-            timed = iter(times)  # decide() times the candidates in order: aten, then ukernel
+            def fake_times(cands, times=times):
+                assert list(cands) == list(CML.GEMMS)
+                for fn in cands.values():
+                    fn()  # the candidates must run
+                return dict(zip(CML.GEMMS, times))
 
-            def fake_time(fn):
-                fn()  # the candidate must run
-                return next(timed)
-
-            monkeypatch.setattr(CML, "_cpu_time", fake_time)
+            monkeypatch.setattr(CML, "_cpu_times", fake_times)
             layer = rgkernels.MaskedLinear(24, 16)
             x = torch.randn(5, 24, requires_grad=True)
             before = [p.detach().clone() for p in layer.parameters()]
             _step(layer, x)  # measures
             (key, got), = SE.decisions().items()
             assert key.startswith("cpu_gemm|rows5|w(16, 24)|bias1") and got == want
-            monkeypatch.setattr(CML, "_cpu_time", lambda fn: pytest.fail("measured twice"))
+            monkeypatch.setattr(CML, "_cpu_times", lambda cands: pytest.fail("measured twice"))
             layer.zero_grad(set_to_none=True)
             assert _ran_aten_gemms(lambda: _step(layer, x)) == (want == "aten")
             assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))  # timing runs used copies
@@ -169,6 +169,17 @@ def test_gemm_measured_once_per_layer_shape(monkeypatch):
         layer = rgkernels.MaskedLinear(8, 4)
         assert CML.gemm_choice(torch.randn(2, 8), layer.weight, layer.threshold, layer.bias, 0, 0.01) == -1
     assert SE.decisions() == {}
+
+
+def test_gemm_timing_interleaves_the_candidates():
+    """Each round runs every candidate once, the order rotated between rounds; medians per candidate."""
+    from rgkernels.ops import cpu_masked_linear as CML
+
+    order = []
+    cands = {name: (lambda n=name: order.append(n)) for name in ("aten", "ukernel")}
+    times = CML._cpu_times(cands, warmup=1, rounds=4)
+    assert order == ["aten", "ukernel"] + ["aten", "ukernel", "ukernel", "aten"] * 2
+    assert set(times) == {"aten", "ukernel"} and all(t >= 0 for t in times.values())
 
 
 @pytest.mark.skipif("ukernel" not in cpu_gemms(), reason="no oneDNN micro-kernel on this CPU / build")

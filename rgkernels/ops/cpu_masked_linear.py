@@ -177,7 +177,7 @@ def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Te
             return -1
         try:
             hit = sparse_exec.decide(key, _gemm_candidates(x2, weight, threshold, bias, grad_mode_id, guard_ratio),
-                                     _cpu_time)
+                                     timer_all=_cpu_times)
         except RuntimeError as exc:  # e.g. inputs autograd cannot take: run the process-wide path
             _UNMEASURABLE.add(key)
             _backend.warn_once(f"cpu-gemm-measure:{key}", f"rgkernels: cannot time the CPU GEMM paths for {key} "
@@ -207,14 +207,21 @@ def _gemm_candidates(x2, weight, threshold, bias, grad_mode_id, guard_ratio):
     return {name: (lambda g=i: run(g)) for i, name in enumerate(GEMMS)}
 
 
-def _cpu_time(fn, warmup: int = 1, reps: int = 5) -> float:
+def _cpu_times(candidates, warmup: int = 1, rounds: int = 7) -> dict:
+    """Median wall time of each candidate over `rounds` rounds that run every candidate once, in an
+    order rotated from round to round: a machine whose speed drifts (shared CPUs, frequency changes)
+    slows all candidates alike instead of whichever was timed last."""
     import time
 
+    names = list(candidates)
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[reps // 2]
+        for name in names:
+            candidates[name]()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
