@@ -177,6 +177,7 @@ def fused_support(layer, x: Tensor, w: Tensor) -> Tuple[bool, str]:
 
 _LOCK = threading.Lock()
 _DECISIONS: Dict[str, str] = {}
+_GENERATION = 0  # see decisions_generation
 _CACHE_PATH: Optional[str] = None
 _CACHE_LOADED: Optional[str] = None
 RECHECK_EVERY = 64  # forwards between two (asynchronous) looks at the share of entirely pruned rows
@@ -259,10 +260,16 @@ def cached_decision(key: str) -> Optional[str]:
 
 def clear_decisions() -> None:
     """Forgets the in-memory decisions (the disk cache, if any, is read again at the next lookup)."""
-    global _CACHE_LOADED
+    global _CACHE_LOADED, _GENERATION
     with _LOCK:
         _DECISIONS.clear()
         _CACHE_LOADED = None
+        _GENERATION += 1
+
+
+def decisions_generation() -> int:
+    """Changes whenever the decisions are forgotten: memos of decisions made before are stale then."""
+    return _GENERATION
 
 
 def decide(key: str, candidates: Dict[str, Callable[[], None]], timer: Optional[Callable] = None,

@@ -154,6 +154,11 @@ def masked_linear_cpu(x: Tensor, weight: Tensor, threshold: Tensor, bias: Option
 
 GEMMS = ("aten", "ukernel")  # the C++ node's `gemm` argument is the index
 _UNMEASURABLE = set()  # keys whose timing run failed: the process-wide path, without retrying
+# (rows, out, in, bias, threads) -> the decided path, valid while sparse_exec's decisions are: the
+# forward of every CPU masked linear asks, and building the decision key costs more than the lookup.
+_MEMO: dict = {}
+_MEMO_GEN = None
+_sparse_exec = None  # rgkernels.sparse_exec, imported at the first call (it imports this package)
 
 
 def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor], grad_mode_id: int,
@@ -161,15 +166,32 @@ def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Te
     """The node's `gemm` argument for this call: the faster GEMM path for its shapes (measured at the
     first call of each shape, see the module docstring), or -1 where there is nothing to choose (a
     pinned choice, no micro-kernel here, not float32, inside torch.compile, inference mode (no
-    backward to time) or a dispatch mode (it would see, and count, the timing runs)."""
+    backward to time) or a dispatch mode (it would see, and count, the timing runs). A shape already
+    decided returns its path without those checks: where they apply, the node ignores the argument (a
+    pinned choice wins, a dispatch mode or another dtype runs ATen's GEMMs, torch.compile runs the
+    Python node)."""
+    global _MEMO_GEN, _sparse_exec
+    if torch.compiler.is_compiling():
+        return -1
+    if _sparse_exec is None:
+        from .. import sparse_exec as _se
+
+        _sparse_exec = _se
+    sparse_exec = _sparse_exec
+    o, k = weight.shape
+    mkey = (x2.numel() // max(k, 1), o, k, bias is not None, torch.get_num_threads())
+    if _MEMO_GEN == sparse_exec.decisions_generation():
+        hit = _MEMO.get(mkey)
+        if hit is not None:
+            return hit
+    else:
+        _MEMO.clear()
+        _MEMO_GEN = sparse_exec.decisions_generation()
     ext = _backend.extension()
     if (ext is None or weight.dtype != torch.float32 or not hasattr(ext, "cpu_gemm_pinned")
-            or torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or ext.cpu_gemm_pinned()
+            or torch.is_inference_mode_enabled() or ext.cpu_gemm_pinned()
             or not ext.cpu_ukernel_available() or torch._C._len_torch_dispatch_stack() > 0):
         return -1
-    from .. import sparse_exec
-
-    o, k = weight.shape
     key = f"cpu_gemm|rows{x2.numel() // max(k, 1)}|w{(o, k)}|bias{int(bias is not None)}|threads{torch.get_num_threads()}"
     hit = sparse_exec.cached_decision(key)
     if hit is None:
@@ -183,7 +205,8 @@ def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Te
             _backend.warn_once(f"cpu-gemm-measure:{key}", f"rgkernels: cannot time the CPU GEMM paths for {key} "
                                                           f"({str(exc).splitlines()[0]}); using the default")
             return -1
-    return GEMMS.index(hit)
+    _MEMO[mkey] = GEMMS.index(hit)
+    return _MEMO[mkey]
 
 
 def _gemm_candidates(x2, weight, threshold, bias, grad_mode_id, guard_ratio):
