@@ -66,6 +66,15 @@ void grow(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
 }
 
+// Per-thread buffers are kept between calls (no allocation per step) up to this size; larger ones
+// (layers with very long rows: 64 rows of 16K+ floats) are freed after the call that needed them.
+constexpr size_t kKeepBufferBytes = size_t(4) << 20;
+
+template <typename T>
+void trim(std::vector<T>& v) {
+  if (v.capacity() * sizeof(T) > kKeepBufferBytes) std::vector<T>().swap(v);
+}
+
 // ---- transpose ------------------------------------------------------------------------------
 
 void transpose_scalar(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
@@ -224,6 +233,8 @@ void forward_pass(const at::Tensor& xt, const at::Tensor& weight, const at::Tens
         }
       }
     }
+    trim(wb);
+    trim(yt);
     gemm_release();
   });
 }
@@ -391,6 +402,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at:
           started = true;
         }
         if (dx_acc != nullptr && !started) std::fill(dx_acc, dx_acc + B * K, 0.0f);
+        for (auto* v : {&g, &at_, &wb, &ab}) trim(*v);
+        trim(scratch);
         gemm_release();
       };
       if (fused_dx) {
