@@ -116,8 +116,8 @@ bool have_avx512() {
 }
 #endif
 
-}  // namespace
-
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols (AVX-512 16x16 tiles where the
+// CPU has them, scalar at the edges and elsewhere).
 void transpose_f32(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
 #if RGK_HAVE_AVX512_TRANSPOSE
   if (have_avx512()) {
@@ -131,8 +131,6 @@ void transpose_f32(const float* src, int64_t lds, float* dst, int64_t ldd, int64
 #endif
   transpose_scalar(src, lds, dst, ldd, rows, cols);
 }
-
-namespace {
 
 // Dead rows (keep count 0) of a block when the block is compacted, else 0.
 int64_t compacted_dead(const int32_t* counts, int64_t rb) {

@@ -42,9 +42,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at:
 // Rows of the forward's blocks that its GEMMs skip, given the keep counts (the rule above).
 int64_t skipped_rows(const int32_t* counts, int64_t O, bool* skip = nullptr);
 
-// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols (float32; AVX-512 16x16 tiles
-// where the CPU has them). Exposed for the tests.
-void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t cols);
-
 }  // namespace cpu
 }  // namespace rgkernels
