@@ -15,7 +15,6 @@
 // rounding (the blocks are separate GEMM calls).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -185,22 +184,6 @@ cpu::DoubleBackwardFn& double_backward_slot() {
   return fn;
 }
 
-// W_hat, counts and bits of all rows (rows split over the threads, each row by one thread); returns
-// the kept entries.
-int64_t mask_all_rows(const at::Tensor& weight, const at::Tensor& threshold, at::Tensor& w_hat, at::Tensor& counts,
-                      at::Tensor& bits) {
-  const int64_t O = weight.size(0), K = weight.size(1);
-  const cpu::FwdLayer L{weight.data_ptr(), w_hat.data_ptr(), threshold.data_ptr<float>(), counts.data_ptr<int32_t>(),
-                        O, K, weight.stride(0), weight.stride(1), threshold.stride(0), weight.scalar_type(),
-                        bits.data_ptr<uint8_t>(), bits.size(1)};
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1));
-  at::parallel_for(0, O, grain, [&](int64_t b, int64_t e) { cpu::fwd_rows(L, b, e, false); });
-  int64_t kept = 0;
-  const int32_t* c = counts.data_ptr<int32_t>();
-  for (int64_t i = 0; i < O; ++i) kept += c[i];
-  return kept;
-}
-
 // W_hat (a whole [O, K] tensor), keep counts and bit-packed mask, with the collapse guard: the
 // forward of the path on ATen's GEMMs, which run on the whole masked weight.
 at::Tensor full_mask(const at::Tensor& weight, const at::Tensor& threshold, double guard_ratio, at::Tensor& counts,
@@ -209,12 +192,11 @@ at::Tensor full_mask(const at::Tensor& weight, const at::Tensor& threshold, doub
   at::Tensor w_hat = cpu::pooled_empty({O, K}, weight.options());
   counts = at::empty({O}, weight.options().dtype(at::kInt));
   bits = at::empty({O, (K + 7) / 8}, weight.options().dtype(at::kByte));
-  const int64_t kept = mask_all_rows(weight, threshold, w_hat, counts, bits);
-  if (collapsed(kept, O * K, guard_ratio)) {
-    float* t = threshold.data_ptr<float>();
-    for (int64_t r = 0; r < O; ++r) t[r * threshold.stride(0)] = 0.0f;  // in place, as masked_weight_fwd
-    mask_all_rows(weight, threshold, w_hat, counts, bits);
-  }
+  std::vector<cpu::FwdLayer> layers{cpu::FwdLayer{
+      weight.data_ptr(), w_hat.data_ptr(), threshold.data_ptr<float>(), counts.data_ptr<int32_t>(), O, K,
+      weight.stride(0), weight.stride(1), threshold.stride(0), weight.scalar_type(), bits.data_ptr<uint8_t>(),
+      bits.size(1)}};
+  cpu::fwd_layers(layers, guard_ratio);
   return w_hat;
 }
 

@@ -81,10 +81,12 @@ void check_cpu(const at::Tensor& t, const char* what, const char* op) {
               t.device());
 }
 
+}  // namespace
+
 // ---- forward --------------------------------------------------------------------------------
 
 // Runs the forward of all layers in one parallel loop, then applies the per-layer guard.
-void fwd_layers(std::vector<cpu::FwdLayer>& layers, double guard_ratio) {
+void cpu::fwd_layers(std::vector<cpu::FwdLayer>& layers, double guard_ratio) {
   std::vector<Task> tasks;
   int64_t total = 0;
   for (size_t l = 0; l < layers.size(); ++l) {
@@ -117,6 +119,8 @@ void fwd_layers(std::vector<cpu::FwdLayer>& layers, double guard_ratio) {
   });
 }
 
+namespace {
+
 cpu::FwdLayer make_fwd_layer(const at::Tensor& weight, const at::Tensor& threshold, void* out,
                         int32_t* counts) {
   return cpu::FwdLayer{weight.data_ptr(), out,    threshold.data_ptr<float>(), counts,
@@ -136,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_fwd_cpu(const at::Tensor& weigh
   at::Tensor counts = at::empty({weight.size(0)}, weight.options().dtype(at::kInt));
   std::vector<cpu::FwdLayer> layers{
       make_fwd_layer(weight, threshold, out.data_ptr(), counts.data_ptr<int32_t>())};
-  fwd_layers(layers, guard_ratio);
+  cpu::fwd_layers(layers, guard_ratio);
   return {out, counts};
 }
 
@@ -166,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_grouped_fwd_cpu(at::TensorList 
     off += weights[i].numel();
     row_off += weights[i].size(0);
   }
-  fwd_layers(layers, guard_ratio);
+  cpu::fwd_layers(layers, guard_ratio);
   return {out, counts};
 }
 

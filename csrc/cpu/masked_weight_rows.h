@@ -45,8 +45,14 @@ struct BwdLayer {
 };
 
 // Forward of rows [r0, r1): W_hat, keep counts (and the bit-packed mask when L.bits is set); t = 0
-// when zero_threshold (the guard's recomputation). Returns the number of kept entries in those rows. Single-threaded.
+// when zero_threshold (the guard's recomputation). Returns the number of kept entries in those
+// rows. Single-threaded.
 int64_t fwd_rows(const FwdLayer& L, int64_t r0, int64_t r1, bool zero_threshold);
+
+// Forward of whole layers (masked_weight_cpu.cpp): every row of every layer, split over the
+// threads, then the collapse guard per layer (threshold reset in place and the layer recomputed
+// when its keep ratio <= guard_ratio; guard_ratio < 0 disables it).
+void fwd_layers(std::vector<FwdLayer>& layers, double guard_ratio);
 
 // Backward of rows [r0, r1): weight gradient and grad_threshold. `scratch` holds at least K
 // doubles. Single-threaded.

@@ -18,7 +18,8 @@
 //            the mask of each [rows, cols] tile computed in cache
 //
 // W is read once in the forward and once in the backward, as the dense layer reads it; the weight
-// gradient is the only weight-sized tensor written. The layer's statistics get the mask bit-packed (1 bit per weight).
+// gradient is the only weight-sized tensor written. The layer's statistics get the mask bit-packed
+// (1 bit per weight).
 // Every output element is computed by one thread in a fixed order: results do not depend on the
 // number of threads.
 //

@@ -16,10 +16,11 @@ Reference: the composition itself (`masked_weight` on the reference backend, the
 the masked layers run wherever this path does not apply (`applies` says when it does).
 
 GEMMs: float32 layers can run them on oneDNN's micro-kernel blocks or on ATen's (MKL / oneDNN)
-GEMMs, and which is faster depends on the CPU and the shape (BENCHMARKS.md). `gemm_choice` times both once per
-layer shape and thread count (forward + backward on copies) and keeps the faster, in the execution
-decisions of rgkernels.sparse_exec (memory, and RGKERNELS_EXEC_CACHE's file when set). A choice pinned
-with RGKERNELS_CPU_GEMM=aten|ukernel (or `rgkernels._C.set_cpu_gemm`) applies to every layer instead.
+GEMMs, and which is faster depends on the CPU and the shape (BENCHMARKS.md). `gemm_choice` times
+both once per layer shape and thread count (forward + backward on copies) and keeps the faster, in
+the execution decisions of rgkernels.sparse_exec (memory, and RGKERNELS_EXEC_CACHE's file when set).
+A choice pinned with RGKERNELS_CPU_GEMM=aten|ukernel (or `rgkernels._C.set_cpu_gemm`) applies to
+every layer instead.
 """
 from __future__ import annotations
 
@@ -192,7 +193,8 @@ def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Te
             or torch.is_inference_mode_enabled() or ext.cpu_gemm_pinned()
             or not ext.cpu_ukernel_available() or torch._C._len_torch_dispatch_stack() > 0):
         return -1
-    key = f"cpu_gemm|rows{x2.numel() // max(k, 1)}|w{(o, k)}|bias{int(bias is not None)}|threads{torch.get_num_threads()}"
+    rows, _, _, has_bias, threads = mkey
+    key = f"cpu_gemm|rows{rows}|w{(o, k)}|bias{int(has_bias)}|threads{threads}"
     hit = sparse_exec.cached_decision(key)
     if hit is None:
         if key in _UNMEASURABLE:
