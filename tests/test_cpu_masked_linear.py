@@ -499,9 +499,11 @@ def test_compaction_per_block_of_64_rows(impl, batch):
     assert torch.equal(y[:, dead], b[dead].expand(batch, -1)), "dead outputs are exactly the bias"
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    x, w = rand(70, 150, seed=1), rand(333, 150, seed=2, scale=0.5)
-    t, b, dy = thresholds(w), rand(333, seed=3), rand(70, 333, seed=4)
+# batch 70 < 150 / 2: the micro-kernel's forward transposes its y^T tiles; 80: the W_hat blocks
+@pytest.mark.parametrize("batch", [70, 80])
+def test_results_do_not_depend_on_the_thread_count(batch):
+    x, w = rand(batch, 150, seed=1), rand(333, 150, seed=2, scale=0.5)
+    t, b, dy = thresholds(w), rand(333, seed=3), rand(batch, 333, seed=4)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -515,6 +517,36 @@ def test_results_do_not_depend_on_the_thread_count():
     ukernel = _backend.extension().cpu_gemm() == "ukernel"
     for i in (0, 1):  # y, dx: every element by one thread on the micro-kernel; ATen's GEMMs may differ
         assert torch.equal(one[i], two[i]) if ukernel else rel_err(one[i], two[i]) <= 1e-6, i
+
+
+@pytest.mark.parametrize("k", [1, 15, 16, 17, 63, 64, 65, 100, 512, 513, 1040])
+def test_isa_variants_bit_identical_through_the_node(impl, k):
+    """The AVX-512 variant's float32 rows (intrinsics: masks as mask registers, bits stored 64 at a time,
+    tails under lane masks) give the other variants' bits: mask record, counts, weight and threshold
+    gradients, also for NaN, +-inf and -0 in the weight and the output gradient, rows longer than one
+    block of the threshold gradient's sum (512) and every tail length."""
+    if impl == "python":
+        pytest.skip("the Python node runs the masked-weight ops (test_isa_variants_bit_identical)")
+    x, w = rand(6, k, seed=1), rand(9, k, seed=2, scale=0.5)
+    t = thresholds(w, 0.6)
+    t[2] = -0.5  # keeps every entry
+    w[0, 0], w[1, -1], w[3, k // 2] = float("nan"), float("inf"), -0.0
+    if k > 3:
+        w[4, 1], w[4, 2] = -float("inf"), 0.0
+    dy = rand(6, 9, seed=3)
+    dy[1, 5] = float("nan")  # dW row 5 is NaN in every column, kept or pruned (0 * NaN)
+    results = {}
+    for name in _backend.extension().cpu_isas():
+        with isa(name):
+            results[name] = run_fused(x, w, t, None, dy, guard=None)
+    base = results["baseline"]
+    for name, out in results.items():
+        for i in (2, 3, 5, 7):  # dW, dt, counts, mask
+            assert torch.equal(out[i].isnan(), base[i].isnan()), (name, i)
+            assert torch.equal(out[i].nan_to_num(), base[i].nan_to_num()), (name, i)
+            assert torch.equal(out[i].float().signbit(), base[i].float().signbit()), (name, i)
+    want = w.abs() - t[:, None] > 0
+    assert torch.equal(base[7], want) and torch.equal(base[5], want.sum(1, dtype=torch.int32))
 
 
 def test_mask_bits_of_nan_inf_and_signed_zeros(impl):

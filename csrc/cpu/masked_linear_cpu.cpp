@@ -27,6 +27,7 @@
 #include "masked_linear_cpu.h"
 #include "masked_weight_rows.h"
 #include "rgkernels/masked_weight.h"
+#include "scratch.h"
 #include "ukernel_gemm.h"
 #include "ukernel_masked_linear.h"
 
@@ -113,8 +114,10 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out,
     const float* wp = weight.data_ptr<float>();
     float* gwp = grad_weight.data_ptr<float>();
     at::parallel_for(0, (O + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> g(static_cast<size_t>(R * K));  // one block of dL/dW_hat, in L1/L2
-      std::vector<double> scratch(static_cast<size_t>(K));
+      cpu::Scratch<float> g;  // one block of dL/dW_hat, in L1/L2
+      cpu::Scratch<double> scratch;
+      g.grow(R * K);
+      scratch.grow(K);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * R, rb = std::min(R, O - r0);
         cpu::gemm_f32(rb, K, B, dyp + r0 * B, B, xp, K, g.data(), K, false);

@@ -39,6 +39,7 @@
 #include "rgkernels/masked_weight.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include "rows_avx512_f32.h"
 #define RGK_X86_MULTIVERSION 1
 #define RGK_ALWAYS_INLINE __attribute__((always_inline)) inline
 // No "fma" in either list: contraction would change results (see the header).
@@ -212,7 +213,8 @@ RGK_ALWAYS_INLINE int32_t fwd_row_bits(const scalar_t* __restrict__ w, int64_t w
   return kept;
 }
 
-template <typename scalar_t>
+// kIntrinsics: the AVX-512 variant, whose float32 contiguous rows run rows_avx512_f32.h's kernels.
+template <typename scalar_t, bool kIntrinsics>
 RGK_ALWAYS_INLINE int64_t fwd_rows_t(const FwdLayer& L, int64_t r0, int64_t r1, bool zero_threshold) {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* w = static_cast<const scalar_t*>(L.w);
@@ -224,6 +226,17 @@ RGK_ALWAYS_INLINE int64_t fwd_rows_t(const FwdLayer& L, int64_t r0, int64_t r1, 
     const scalar_t* wr = w + r * L.ws0;
     scalar_t* outr = out + r * L.K;
     int32_t c;
+#if RGK_X86_MULTIVERSION
+    if constexpr (kIntrinsics && std::is_same<scalar_t, float>::value) {
+      if (contig) {
+        c = L.bits != nullptr ? avx512_f32::fwd_row<true>(wr, L.K, t, outr, L.bits + r * L.bs0)
+                              : avx512_f32::fwd_row<false>(wr, L.K, t, outr, nullptr);
+        L.counts[r] = c;
+        kept += c;
+        continue;
+      }
+    }
+#endif
     if (L.bits != nullptr) {
       uint8_t* br = L.bits + r * L.bs0;
       c = contig ? fwd_row_bits<scalar_t, true>(wr, 1, L.K, t, outr, br)
@@ -237,7 +250,7 @@ RGK_ALWAYS_INLINE int64_t fwd_rows_t(const FwdLayer& L, int64_t r0, int64_t r1, 
   return kept;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kIntrinsics>
 RGK_ALWAYS_INLINE void bwd_rows_t(const BwdLayer& L, int64_t r0, int64_t r1, bool dst, void* scratch) {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* g = static_cast<const scalar_t*>(L.g);
@@ -251,6 +264,22 @@ RGK_ALWAYS_INLINE void bwd_rows_t(const BwdLayer& L, int64_t r0, int64_t r1, boo
     const scalar_t* wr = w + r * L.ws0;
     scalar_t* gwr = gw + r * L.gws0;
     acc_t s;
+#if RGK_X86_MULTIVERSION
+    if constexpr (kIntrinsics && std::is_same<scalar_t, float>::value) {
+      if (contig || L.w_hat != nullptr) {
+        float* whr = L.w_hat != nullptr ? static_cast<float*>(L.w_hat) + r * L.K : nullptr;
+        if (whr != nullptr) {
+          s = dst ? avx512_f32::bwd_row<true, true, kBase>(gr, wr, L.K, t, gwr, whr, prod)
+                  : avx512_f32::bwd_row<false, true, kBase>(gr, wr, L.K, t, gwr, whr, prod);
+        } else {
+          s = dst ? avx512_f32::bwd_row<true, false, kBase>(gr, wr, L.K, t, gwr, nullptr, prod)
+                  : avx512_f32::bwd_row<false, false, kBase>(gr, wr, L.K, t, gwr, nullptr, prod);
+        }
+        L.gt[r] = s;
+        continue;
+      }
+    }
+#endif
     if (L.w_hat != nullptr) {  // contiguous rows only (checked by the caller)
       scalar_t* whr = static_cast<scalar_t*>(L.w_hat) + r * L.K;
       s = dst ? bwd_row<scalar_t, true, true, true>(gr, 1, wr, 1, L.K, t, gwr, prod, whr)
@@ -267,30 +296,30 @@ RGK_ALWAYS_INLINE void bwd_rows_t(const BwdLayer& L, int64_t r0, int64_t r1, boo
 }
 
 // The entry points of one instruction set: a dtype switch over the inlined templates.
-#define RGK_DEFINE_ENTRIES(SUFFIX, TARGET)                                                          \
+#define RGK_DEFINE_ENTRIES(SUFFIX, TARGET, INTR)                                                    \
   TARGET int64_t fwd_rows_##SUFFIX(const FwdLayer& L, int64_t r0, int64_t r1, bool z) {             \
     switch (L.dtype) {                                                                              \
-      case at::kFloat: return fwd_rows_t<float>(L, r0, r1, z);                                      \
-      case at::kDouble: return fwd_rows_t<double>(L, r0, r1, z);                                    \
-      case at::kHalf: return fwd_rows_t<at::Half>(L, r0, r1, z);                                    \
-      case at::kBFloat16: return fwd_rows_t<at::BFloat16>(L, r0, r1, z);                            \
+      case at::kFloat: return fwd_rows_t<float, INTR>(L, r0, r1, z);                                \
+      case at::kDouble: return fwd_rows_t<double, INTR>(L, r0, r1, z);                              \
+      case at::kHalf: return fwd_rows_t<at::Half, INTR>(L, r0, r1, z);                              \
+      case at::kBFloat16: return fwd_rows_t<at::BFloat16, INTR>(L, r0, r1, z);                      \
       default: return 0; /* rejected by check_dtype before any task runs */                        \
     }                                                                                               \
   }                                                                                                 \
   TARGET void bwd_rows_##SUFFIX(const BwdLayer& L, int64_t r0, int64_t r1, bool dst, void* s) {     \
     switch (L.dtype) {                                                                              \
-      case at::kFloat: bwd_rows_t<float>(L, r0, r1, dst, s); break;                                 \
-      case at::kDouble: bwd_rows_t<double>(L, r0, r1, dst, s); break;                               \
-      case at::kHalf: bwd_rows_t<at::Half>(L, r0, r1, dst, s); break;                               \
-      case at::kBFloat16: bwd_rows_t<at::BFloat16>(L, r0, r1, dst, s); break;                       \
+      case at::kFloat: bwd_rows_t<float, INTR>(L, r0, r1, dst, s); break;                           \
+      case at::kDouble: bwd_rows_t<double, INTR>(L, r0, r1, dst, s); break;                         \
+      case at::kHalf: bwd_rows_t<at::Half, INTR>(L, r0, r1, dst, s); break;                         \
+      case at::kBFloat16: bwd_rows_t<at::BFloat16, INTR>(L, r0, r1, dst, s); break;                 \
       default: break; /* rejected by check_dtype before any task runs */                           \
     }                                                                                               \
   }
 
-RGK_DEFINE_ENTRIES(baseline, )
+RGK_DEFINE_ENTRIES(baseline, , false)
 #if RGK_X86_MULTIVERSION
-RGK_DEFINE_ENTRIES(avx2, RGK_TARGET_AVX2)
-RGK_DEFINE_ENTRIES(avx512, RGK_TARGET_AVX512)
+RGK_DEFINE_ENTRIES(avx2, RGK_TARGET_AVX2, false)
+RGK_DEFINE_ENTRIES(avx512, RGK_TARGET_AVX512, true)
 #endif
 
 // ---- choosing the variant -------------------------------------------------------------------

@@ -9,7 +9,9 @@
 // (ukernel_gemm.cpp) and does not pack. So here the mask of a block of weight rows goes into a
 // buffer in L1/L2 and the micro-kernel reads it from there:
 //
-//   forward  y^T[block] = W_hat[block] x^T, written into y (a transpose of a cache-resident tile)
+//   forward  y[:, block] = x W_hat[block]^T (the block's W_hat transposed in cache) where the batch is
+//            at least half the row length, else y^T[block] = W_hat[block] x^T and that tile transposed
+//            into y
 //   weight gradient  g[block] = (dy[:, block])^T x (dy's tile transposed in cache), then the
 //            masked-weight backward of masked_weight_rows.cpp on the block while g and W are hot
 //   input gradient  in the same pass where the batch is small next to the layer (the masked-weight
@@ -25,7 +27,7 @@
 //
 // Entirely pruned rows: a block of kUkRows rows with >= 1/2 of them dead runs its forward GEMM on
 // the live rows only (the gather is free: the block buffer is written anyway; dead outputs are the
-// bias), and the input gradient skips the same rows. The weight-gradient GEMM stays dense: the
+// bias; such a block always takes the y^T orientation), and the input gradient skips the same rows. The weight-gradient GEMM stays dense: the
 // threshold gradient needs g at every entry.
 #include "ukernel_masked_linear.h"
 
@@ -49,6 +51,7 @@
 
 #include "buffer_pool.h"
 #include "masked_weight_rows.h"
+#include "scratch.h"
 #include "rgkernels/masked_weight.h"
 #include "ukernel_gemm.h"
 
@@ -66,10 +69,6 @@ template <typename T>
 void grow(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
 }
-
-// Per-thread buffers are kept between calls (no allocation per step) up to this size; larger ones
-// (layers with very long rows: 64 rows of 16K+ floats) are freed after the call that needed them.
-constexpr size_t kKeepBufferBytes = size_t(4) << 20;
 
 template <typename T>
 void trim(std::vector<T>& v) {
@@ -174,10 +173,17 @@ FwdLayer rows_of(const at::Tensor& weight, const at::Tensor& threshold, int64_t 
 }
 
 // One pass of the forward over all blocks (the guard may ask for a second one).
-void forward_pass(const at::Tensor& xt, const at::Tensor& weight, const at::Tensor& threshold, const at::Tensor& bias,
-                  at::Tensor& y, at::Tensor& counts, at::Tensor& bits) {
+void forward_pass(const at::Tensor& xt, const at::Tensor& xc, const at::Tensor& weight, const at::Tensor& threshold,
+                  const at::Tensor& bias, at::Tensor& y, at::Tensor& counts, at::Tensor& bits) {
   const int64_t O = weight.size(0), K = weight.size(1), B = xt.size(1);
   const float* xp = xt.data_ptr<float>();
+  const float* xr = xc.data_ptr<float>();
+  // Which operand is transposed in cache: the block of W_hat (then the GEMM writes y itself) or the
+  // y^T tile (then its transpose writes y). Measured (forward of the node, one thread, Intel Xeon):
+  // W_hat's block on SNGAN G.l1 (K = 128 = 2 x batch 64) made the forward 1.20x the dense one instead
+  // of 1.30x (the GEMM's own stores into y overlap its FMAs; a transpose's do not); the y^T tile won
+  // on StyleGAN2's map.fc (K = 512 = 8 x batch) and FastGAN's G.se (K = 8192, batch 8).
+  const bool direct = 2 * B >= K;
   float* yp = y.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   const int64_t bs = bias.defined() ? bias.stride(0) : 0;
@@ -188,12 +194,16 @@ void forward_pass(const at::Tensor& xt, const at::Tensor& weight, const at::Tens
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     // Per-thread buffers, kept between calls (no allocation per forward): the block of W_hat and the
     // y^T tile.
-    thread_local std::vector<float> wb, yt;
+    thread_local Scratch<float> wb, yt, wbt;
     thread_local std::vector<int64_t> live;
-    grow(wb, kUkRows * K);
-    grow(yt, kUkRows * kColsChunk);
+    thread_local std::vector<float> bl(kUkRows);
+    wb.grow(kUkRows * K);
+    yt.grow(kUkRows * kColsChunk);
+    if (direct) wbt.grow(kUkRows * K);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * kUkRows, rb = std::min(kUkRows, O - r0);
+      if (bp != nullptr)
+        for (int64_t i = 0; i < rb; ++i) bl[i] = bp[(r0 + i) * bs];
       FwdLayer L = rows_of(weight, threshold, r0, 0, K, wb.data(), cp + r0, bitp + r0 * nbytes, nbytes);
       L.C = rb;
       fwd_rows(L, 0, rb, false);
@@ -209,6 +219,22 @@ void forward_pass(const at::Tensor& xt, const at::Tensor& weight, const at::Tens
         }
         n = static_cast<int64_t>(live.size());
       }
+      if (direct && !compact) {
+        // y[:, block] = x W_hat[block]^T written by the GEMM itself (row stride O)
+        transpose_f32(wb.data(), K, wbt.data(), rb, rb, K);  // [K, rb]
+        for (int64_t m0 = 0; m0 < B; m0 += kColsChunk) {
+          const int64_t mb = std::min(kColsChunk, B - m0);
+          float* yrows = yp + m0 * O + r0;
+          gemm_f32(mb, rb, K, xr + m0 * K, K, wbt.data(), rb, yrows, O, false);
+          if (bp != nullptr) {
+            for (int64_t b = 0; b < mb; ++b) {
+              float* yr = yrows + b * O;
+              for (int64_t i = 0; i < rb; ++i) yr[i] += bl[i];
+            }
+          }
+        }
+        continue;
+      }
       for (int64_t m0 = 0; m0 < B; m0 += kColsChunk) {
         const int64_t mb = std::min(kColsChunk, B - m0);
         float* yrows = yp + m0 * O + r0;  // y[m0:m0+mb, r0:r0+rb], row stride O
@@ -223,17 +249,19 @@ void forward_pass(const at::Tensor& xt, const at::Tensor& weight, const at::Tens
             if (cp[r0 + i] == 0) std::fill(yt.data() + i * mb, yt.data() + (i + 1) * mb, 0.0f);
           }
         }
-        transpose_f32(yt.data(), mb, yrows, O, rb, mb);
-        if (bp != nullptr) {
-          for (int64_t b = 0; b < mb; ++b) {
-            float* yr = yrows + b * O;
-            for (int64_t i = 0; i < rb; ++i) yr[i] += bp[(r0 + i) * bs];
+        if (bp != nullptr) {  // on the y^T tile: one bias value per contiguous row
+          for (int64_t i = 0; i < rb; ++i) {
+            const float bi = bp[(r0 + i) * bs];
+            float* row = yt.data() + i * mb;
+            for (int64_t b = 0; b < mb; ++b) row[b] += bi;
           }
         }
+        transpose_f32(yt.data(), mb, yrows, O, rb, mb);
       }
     }
-    trim(wb);
-    trim(yt);
+    wb.trim();
+    yt.trim();
+    wbt.trim();
     gemm_release();
   });
 }
@@ -251,7 +279,8 @@ at::Tensor ukernel_masked_forward(const at::Tensor& x2, const at::Tensor& weight
   ran_rows = 0;
   if (O == 0) return y;
   const at::Tensor xt = x2.t().contiguous();  // [K, B]: the GEMMs' B operand
-  forward_pass(xt, weight, threshold, bias, y, counts, bits);
+  const at::Tensor xc = x2.contiguous();
+  forward_pass(xt, xc, weight, threshold, bias, y, counts, bits);
   if (guard_ratio >= 0.0) {
     int64_t kept = 0;
     const int32_t* c = counts.data_ptr<int32_t>();
@@ -259,7 +288,7 @@ at::Tensor ukernel_masked_forward(const at::Tensor& x2, const at::Tensor& weight
     if (collapsed(kept, O * K, guard_ratio)) {
       float* t = threshold.data_ptr<float>();
       for (int64_t r = 0; r < O; ++r) t[r * threshold.stride(0)] = 0.0f;  // in place, as masked_weight_fwd
-      forward_pass(xt, weight, threshold, bias, y, counts, bits);
+      forward_pass(xt, xc, weight, threshold, bias, y, counts, bits);
     }
   }
   ran_rows = O - skipped_rows(counts.data_ptr<int32_t>(), O);
@@ -312,9 +341,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at:
     } else {
       const int64_t ntasks = (K + kDxCols - 1) / kDxCols;
       at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-        thread_local std::vector<float> tile;  // a [kDxRows, kDxCols] tile of W_hat
+        thread_local Scratch<float> tile;  // a [kDxRows, kDxCols] tile of W_hat
         thread_local std::vector<int32_t> cnt;
-        grow(tile, kDxRows * kDxCols);
+        tile.grow(kDxRows * kDxCols);
         grow(cnt, kDxRows);
         for (int64_t task = t0; task < t1; ++task) {
           const int64_t c0 = task * kDxCols, cw = std::min(kDxCols, K - c0);
@@ -350,20 +379,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at:
       at::Tensor partial = fused_dx && parts > 1 ? at::empty({parts - 1, B, K}, x2.options()) : at::Tensor();
       // One range of blocks; dx_acc: where its input-gradient share goes (nullptr: not fused).
       auto run_blocks = [&](int64_t b0, int64_t b1, float* dx_acc) {
-        thread_local std::vector<float> g, at_, wb, ab;  // dL/dW_hat; dy's tile transposed; W_hat; dy's live columns
-        thread_local std::vector<double> scratch;         // bwd_rows' products
+        thread_local Scratch<float> g, at_, wb, ab;  // dL/dW_hat; dy's tile transposed; W_hat; dy's live columns
+        thread_local Scratch<double> scratch;         // bwd_rows' products
         thread_local std::vector<int64_t> live;
-        grow(g, kUkRows * K);
-        grow(at_, kUkRows * kBatchChunk);
-        grow(scratch, K);
+        g.grow(kUkRows * K);
+        at_.grow(kUkRows * kBatchChunk);
+        scratch.grow(K);
         if (dx_acc != nullptr) {
-          grow(wb, kUkRows * K);
-          grow(ab, kUkRows * B);
+          wb.grow(kUkRows * K);
+          ab.grow(kUkRows * B);
         }
         bool started = false;
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t r0 = blk * kUkRows, rb = std::min(kUkRows, O - r0);
-          if (B == 0) std::fill(g.begin(), g.begin() + rb * K, 0.0f);
+          if (B == 0) std::fill(g.data(), g.data() + rb * K, 0.0f);
           for (int64_t m0 = 0; m0 < B; m0 += kBatchChunk) {
             const int64_t mb = std::min(kBatchChunk, B - m0);
             transpose_f32(dyp + m0 * O + r0, O, at_.data(), mb, mb, rb);  // [rb, mb]
@@ -401,8 +430,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at:
           started = true;
         }
         if (dx_acc != nullptr && !started) std::fill(dx_acc, dx_acc + B * K, 0.0f);
-        for (auto* v : {&g, &at_, &wb, &ab}) trim(*v);
-        trim(scratch);
+        for (auto* v : {&g, &at_, &wb, &ab}) v->trim();
+        scratch.trim();
         gemm_release();
       };
       if (fused_dx) {
