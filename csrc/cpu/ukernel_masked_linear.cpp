@@ -132,6 +132,33 @@ void transpose_f32(const float* src, int64_t lds, float* dst, int64_t ldd, int64
   transpose_scalar(src, lds, dst, ldd, rows, cols);
 }
 
+// y[r, :n] += b[:n] for r < rows (row stride ldy): the bias of the direct forward orientation. This
+// file is compiled for baseline x86-64 (SSE), hence the AVX-512 version.
+void add_bias_rows_scalar(float* y, int64_t ldy, int64_t rows, const float* b, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n; ++i) y[r * ldy + i] += b[i];
+}
+
+#if RGK_HAVE_AVX512_TRANSPOSE
+__attribute__((target("avx512f"))) void add_bias_rows_avx512(float* y, int64_t ldy, int64_t rows, const float* b,
+                                                             int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * ldy;
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 in = static_cast<__mmask16>(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+      _mm512_mask_storeu_ps(yr + i, in, _mm512_add_ps(_mm512_maskz_loadu_ps(in, yr + i), _mm512_maskz_loadu_ps(in, b + i)));
+    }
+  }
+}
+#endif
+
+void add_bias_rows(float* y, int64_t ldy, int64_t rows, const float* b, int64_t n) {
+#if RGK_HAVE_AVX512_TRANSPOSE
+  if (have_avx512()) return add_bias_rows_avx512(y, ldy, rows, b, n);
+#endif
+  add_bias_rows_scalar(y, ldy, rows, b, n);
+}
+
 // Dead rows (keep count 0) of a block when the block is compacted, else 0.
 int64_t compacted_dead(const int32_t* counts, int64_t rb) {
   int64_t dead = 0;
@@ -226,12 +253,7 @@ void forward_pass(const at::Tensor& xt, const at::Tensor& xc, const at::Tensor& 
           const int64_t mb = std::min(kColsChunk, B - m0);
           float* yrows = yp + m0 * O + r0;
           gemm_f32(mb, rb, K, xr + m0 * K, K, wbt.data(), rb, yrows, O, false);
-          if (bp != nullptr) {
-            for (int64_t b = 0; b < mb; ++b) {
-              float* yr = yrows + b * O;
-              for (int64_t i = 0; i < rb; ++i) yr[i] += bl[i];
-            }
-          }
+          if (bp != nullptr) add_bias_rows(yrows, O, mb, bl.data(), rb);
         }
         continue;
       }
