@@ -4,9 +4,11 @@
 // Each kernel is compiled three times, for x86-64 with AVX-512 (F/BW/VL/DQ), with AVX2 and for
 // the baseline instruction set, and the best one the CPU supports is chosen at run time
 // (RGKERNELS_CPU_ISA=avx512|avx2|baseline, or set_cpu_isa, picks another one, for tests and
-// benchmarks). Every variant gives bit-identical results: no fused multiply-add is generated
-// (none of the targets enables FMA, and the file is built with -ffp-contract=off), and every
-// reduction has one fixed order. On other architectures only the baseline exists.
+// benchmarks). In the AVX-512 variant, float32 rows with unit stride run the hand-written kernels of
+// rows_avx512_f32.h instead of the vectorised generic loops. Every variant gives bit-identical
+// results: no fused multiply-add is generated (none of the targets enables FMA, and the file is
+// built with -ffp-contract=off), and every reduction has one fixed order. On other architectures
+// only the baseline exists.
 #pragma once
 
 #include <ATen/ATen.h>
