@@ -27,8 +27,8 @@
 //
 // Entirely pruned rows: a block of kUkRows rows with >= 1/2 of them dead runs its forward GEMM on
 // the live rows only (the gather is free: the block buffer is written anyway; dead outputs are the
-// bias; such a block always takes the y^T orientation), and the input gradient skips the same rows. The weight-gradient GEMM stays dense: the
-// threshold gradient needs g at every entry.
+// bias; such a block always takes the y^T orientation), and the input gradient skips the same rows.
+// The weight-gradient GEMM stays dense: the threshold gradient needs g at every entry.
 #include "ukernel_masked_linear.h"
 
 #include <ATen/Parallel.h>
@@ -51,8 +51,8 @@
 
 #include "buffer_pool.h"
 #include "masked_weight_rows.h"
-#include "scratch.h"
 #include "rgkernels/masked_weight.h"
+#include "scratch.h"
 #include "ukernel_gemm.h"
 
 namespace rgkernels {
@@ -146,7 +146,8 @@ __attribute__((target("avx512f"))) void add_bias_rows_avx512(float* y, int64_t l
     float* yr = y + r * ldy;
     for (int64_t i = 0; i < n; i += 16) {
       const __mmask16 in = static_cast<__mmask16>(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
-      _mm512_mask_storeu_ps(yr + i, in, _mm512_add_ps(_mm512_maskz_loadu_ps(in, yr + i), _mm512_maskz_loadu_ps(in, b + i)));
+      const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(in, yr + i), _mm512_maskz_loadu_ps(in, b + i));
+      _mm512_mask_storeu_ps(yr + i, in, sum);
     }
   }
 }
@@ -219,8 +220,8 @@ void forward_pass(const at::Tensor& xt, const at::Tensor& xc, const at::Tensor& 
   const int64_t nbytes = bits.size(1);
   const int64_t nblocks = (O + kUkRows - 1) / kUkRows;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    // Per-thread buffers, kept between calls (no allocation per forward): the block of W_hat and the
-    // y^T tile.
+    // Per-thread buffers, kept between calls (no allocation per forward): the block of W_hat, the y^T
+    // tile, the block of W_hat transposed (direct orientation) and the block's bias.
     thread_local Scratch<float> wb, yt, wbt;
     thread_local std::vector<int64_t> live;
     thread_local std::vector<float> bl(kUkRows);
