@@ -158,17 +158,18 @@ def test_non_contiguous_inputs():
         assert rel_err(g_, r_) <= TOL[torch.float32]
 
 
-def test_collapse_guard_resets_threshold():
-    x, w = rand(4, 100, seed=1), rand(10, 100, seed=2)
+@pytest.mark.parametrize("batch", [4, 60])  # the micro-kernel's recomputed forward in either orientation
+def test_collapse_guard_resets_threshold(batch):
+    x, w = rand(batch, 100, seed=1), rand(10, 100, seed=2)
     t = torch.full((10,), 10.0)  # prunes everything: keep ratio 0 <= 1%
-    dy = rand(4, 10, seed=4)
+    dy = rand(batch, 10, seed=4)
     y, dx, dw, dt, _, counts, t_after, mask = run_fused(x, w, t, None, dy)
     assert torch.equal(t_after, torch.zeros(10)) and mask.all() and (counts == 100).all()
     r = linear_ref64(x, w, t, None, dy)
-    assert rel_err(y, r[0]) <= 1e-6 and rel_err(dw, r[2]) <= 1e-5
+    assert rel_err(y, r[0]) <= 1e-6 and rel_err(dw, r[2]) <= 1e-5 and rel_err(dx, r[1]) <= 1e-5
     # guard off: stays pruned, output is the bias-free zero
     y2, *_ = run_fused(x, w, t, None, dy, guard=None)
-    assert torch.equal(y2, torch.zeros(4, 10))
+    assert torch.equal(y2, torch.zeros(batch, 10))
 
 
 def test_only_input_gradient():
