@@ -338,3 +338,41 @@ def test_sigint_writes_checkpoint_and_run_resumes(tmp_path):
     kimg = (state["counters"]["real_images"] + 16) / 1000
     assert cli.main(["sngan", "--resume", str(rd), "--kimg", str(kimg)]) == 0
     assert [r["step"] for r in read_jsonl(str(rd / "stats.jsonl"))] == list(range(1, step + 2))
+
+
+# ---- the optimiser -----------------------------------------------------------------------------------
+
+def test_adam_is_fused_and_matches_torch_default_adam():
+    """build.adam uses PyTorch's fused Adam (on the CPU too); same updates as the default Adam, with the
+    zero gradients that pruned weights have."""
+    from rggan_fast.build import adam
+
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(33, 17))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    start = p1.detach().clone()
+    o1, o2 = adam([p1], 1e-2, (0.0, 0.99)), torch.optim.Adam([p2], lr=1e-2, betas=(0.0, 0.99))
+    assert o1.defaults["fused"] is True
+    for _ in range(20):
+        g = torch.randn(33, 17)
+        g[:, ::2] = 0
+        p1.grad, p2.grad = g.clone(), g.clone()
+        o1.step(), o2.step()
+    torch.testing.assert_close(p1.detach(), p2.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(p1.detach(), start), "the parameters moved"
+
+
+def test_adam_falls_back_with_a_warning(monkeypatch):
+    from rggan_fast.build import adam
+
+    real = torch.optim.Adam
+
+    def no_fused(params, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` is not supported here")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", no_fused)
+    with pytest.warns(UserWarning, match="fused Adam unavailable"):
+        opt = adam([torch.nn.Parameter(torch.zeros(3))], 1e-3, (0.5, 0.9))
+    assert not opt.defaults.get("fused")
