@@ -266,9 +266,9 @@ RGK_ALWAYS_INLINE void bwd_rows_t(const BwdLayer& L, int64_t r0, int64_t r1, boo
     acc_t s;
 #if RGK_X86_MULTIVERSION
     if constexpr (kIntrinsics && std::is_same<scalar_t, float>::value) {
-      if (contig || L.w_hat != nullptr) {
-        float* whr = L.w_hat != nullptr ? static_cast<float*>(L.w_hat) + r * L.K : nullptr;
-        if (whr != nullptr) {
+      if (contig) {  // L.w_hat is only set for contiguous rows (the caller checks)
+        if (L.w_hat != nullptr) {
+          float* whr = static_cast<float*>(L.w_hat) + r * L.K;
           s = dst ? avx512_f32::bwd_row<true, true, kBase>(gr, wr, L.K, t, gwr, whr, prod)
                   : avx512_f32::bwd_row<false, true, kBase>(gr, wr, L.K, t, gwr, whr, prod);
         } else {

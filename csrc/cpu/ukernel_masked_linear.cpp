@@ -65,16 +65,6 @@ constexpr int64_t kDxCols = 64;       // columns of dx per input-gradient task
 constexpr int64_t kDxRows = 256;      // weight rows per input-gradient tile: a [256, 64] tile of W_hat
 constexpr int64_t kDxParts = 4;       // partial sums of the input gradient fused into the weight-gradient pass
 
-template <typename T>
-void grow(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
-}
-
-template <typename T>
-void trim(std::vector<T>& v) {
-  if (v.capacity() * sizeof(T) > kKeepBufferBytes) std::vector<T>().swap(v);
-}
-
 // ---- transpose ------------------------------------------------------------------------------
 
 void transpose_scalar(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
@@ -274,9 +264,8 @@ void forward_pass(const at::Tensor& xt, const at::Tensor& xc, const at::Tensor& 
         }
         if (bp != nullptr) {  // on the y^T tile: one bias value per contiguous row
           for (int64_t i = 0; i < rb; ++i) {
-            const float bi = bp[(r0 + i) * bs];
             float* row = yt.data() + i * mb;
-            for (int64_t b = 0; b < mb; ++b) row[b] += bi;
+            for (int64_t b = 0; b < mb; ++b) row[b] += bl[i];
           }
         }
         transpose_f32(yt.data(), mb, yrows, O, rb, mb);
@@ -365,9 +354,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at:
       const int64_t ntasks = (K + kDxCols - 1) / kDxCols;
       at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
         thread_local Scratch<float> tile;  // a [kDxRows, kDxCols] tile of W_hat
-        thread_local std::vector<int32_t> cnt;
+        thread_local Scratch<int32_t> cnt;  // the tile's keep counts (not used)
         tile.grow(kDxRows * kDxCols);
-        grow(cnt, kDxRows);
+        cnt.grow(kDxRows);
         for (int64_t task = t0; task < t1; ++task) {
           const int64_t c0 = task * kDxCols, cw = std::min(kDxCols, K - c0);
           for (int64_t o0 = 0; o0 < n; o0 += kDxRows) {
