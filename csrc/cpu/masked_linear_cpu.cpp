@@ -5,10 +5,11 @@
 // written to memory by one GEMM (as a transposed [K, O] result) and read back, strided, by the
 // masked-weight backward: on layers with little work per weight (linear layers at GAN batch
 // sizes) those weight-sized passes cost as much as the GEMMs themselves. Here g is produced a
-// block of output rows at a time into a buffer that stays in the core's L2 cache, and the
+// block of output rows at a time, written by the GEMM into the weight gradient's rows, and the
 // masked-weight backward (threshold gradient and masked weight gradient, the same row kernels as
-// masked_weight_bwd) consumes each block while it is hot. Only the weight gradient is written to
-// memory, as the dense layer writes it. The input gradient is one GEMM with the saved W_hat.
+// masked_weight_bwd) turns each block into the weight gradient in place while it is in cache. Only
+// the weight gradient is written to memory, as the dense layer writes it, and by the GEMM, whose
+// stores overlap its FMAs. The input gradient is one GEMM with the saved W_hat.
 //
 // Results: grad_input and grad_bias are computed as autograd computes them for F.linear on
 // W_hat; grad_weight / grad_threshold equal masked_weight_bwd applied to dy^T x up to the GEMM's
@@ -34,8 +35,8 @@
 namespace rgkernels {
 namespace {
 
-// Elements of g per block: 64K floats = 256 KB, half of this machine class's L2 (1-2 MB per
-// core), leaving room for the W and grad-weight rows streaming through. Measured on a Zen 4 core
+// Elements per block of the weight-gradient GEMM: 64K floats = 256 KB, half of this machine
+// class's L2 (1-2 MB per core), leaving room for the W and grad-weight rows streaming through. Measured on a Zen 4 core
 // (benchmarks/bench_masked_layers.py): 32K-256K elements are within noise of each other; fewer
 // and larger blocks fall out of L2, many small ones pay the GEMM call overhead.
 constexpr int64_t kBlockElems = 1 << 16;
@@ -44,8 +45,8 @@ constexpr int64_t kBlockElems = 1 << 16;
 //
 // The node's micro-kernel path is ukernel_masked_linear.cpp; masked_linear_bwd (the op the Python
 // autograd.Function calls) runs its weight gradient on the micro-kernel too where chosen
-// (fused_weight_grad: blocks of output rows of dy^T x, each consumed by the masked-weight backward
-// while in L1/L2, every block by one thread).
+// (fused_weight_grad: blocks of output rows of dy^T x, each turned into the weight gradient by the
+// masked-weight backward while in L1/L2, every block by one thread).
 
 // Not under a Python dispatch mode (FlopCounterMode, debugging modes): those see ATen ops only, so
 // there the node runs ATen's GEMMs and the mode sees (and counts) them.
@@ -114,14 +115,13 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out,
     const float* wp = weight.data_ptr<float>();
     float* gwp = grad_weight.data_ptr<float>();
     at::parallel_for(0, (O + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
-      cpu::Scratch<float> g;  // one block of dL/dW_hat, in L1/L2
       cpu::Scratch<double> scratch;
-      g.grow(R * K);
       scratch.grow(K);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * R, rb = std::min(R, O - r0);
-        cpu::gemm_f32(rb, K, B, dyp + r0 * B, B, xp, K, g.data(), K, false);
-        const cpu::BwdLayer L{g.data(), wp + r0 * weight.stride(0), threshold.data_ptr<float>() + r0 * threshold.stride(0),
+        float* gblk = gwp + r0 * K;  // dL/dW_hat of the block, then (in place) its weight gradient
+        cpu::gemm_f32(rb, K, B, dyp + r0 * B, B, xp, K, gblk, K, false);
+        const cpu::BwdLayer L{gblk, wp + r0 * weight.stride(0), threshold.data_ptr<float>() + r0 * threshold.stride(0),
                               gwp + r0 * K, grad_threshold.data_ptr<float>() + r0, rb, K, K, 1,
                               weight.stride(0), weight.stride(1), threshold.stride(0), K, at::kFloat};
         cpu::bwd_rows(L, 0, rb, dst, scratch.data());
@@ -132,7 +132,6 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out,
   }
 
   const int64_t rows_per_block = std::max<int64_t>(1, std::min<int64_t>(O, kBlockElems / K));
-  at::Tensor g = cpu::pooled_empty({rows_per_block, K}, weight.options());
   // Scratch of the row kernel (the products g * W * H'(x)), one row per thread.
   const int64_t nthreads = at::get_num_threads();
   std::vector<double> scratch(static_cast<size_t>(nthreads * K));
@@ -143,10 +142,11 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out,
 
   for (int64_t r0 = 0; r0 < O; r0 += rows_per_block) {
     const int64_t rb = std::min(rows_per_block, O - r0);
-    // dL/dW_hat for rows [r0, r0 + rb) (no narrow views when one block holds the layer: on small
+    // dL/dW_hat for rows [r0, r0 + rb), written by the GEMM into grad_weight's rows and turned into
+    // the weight gradient there in place (no narrow views when one block holds the layer: on small
     // layers every dispatcher call is a visible share of the step)
-    const bool whole = rb == O && rb == rows_per_block;
-    at::Tensor gb = whole ? g : g.narrow(0, 0, rb);
+    const bool whole = rb == O;
+    at::Tensor gb = whole ? grad_weight : grad_weight.narrow(0, r0, rb);
     at::mm_out(gb, whole ? dyt : dyt.narrow(0, r0, rb), input);
     const cpu::BwdLayer L{gb.data_ptr(),
                           w_base + r0 * weight.stride(0) * esize,

@@ -149,11 +149,12 @@ RGK_ALWAYS_INLINE acc_t pairwise_sum(acc_t* __restrict__ p, int64_t n) {
 
 // Backward for one row: writes the weight gradient (and, when kWhat, W_hat = W * M into `what`, for
 // a GEMM that needs the masked weight too), returns grad_threshold (before the cast to float32).
-// `prod` is scratch of K entries for the products g * W * H'(x).
+// `prod` is scratch of K entries for the products g * W * H'(x). gw may be g itself (in place: entry j
+// is read before it is written, and no other entry is written in between), hence no __restrict__.
 template <typename scalar_t, bool kContig, bool kDst, bool kWhat = false>
-RGK_ALWAYS_INLINE acc_type<scalar_t> bwd_row(const scalar_t* __restrict__ g, int64_t gs,
+RGK_ALWAYS_INLINE acc_type<scalar_t> bwd_row(const scalar_t* g, int64_t gs,
                                              const scalar_t* __restrict__ w, int64_t ws, int64_t K,
-                                             acc_type<scalar_t> t, scalar_t* __restrict__ gw,
+                                             acc_type<scalar_t> t, scalar_t* gw,
                                              acc_type<scalar_t>* __restrict__ prod,
                                              scalar_t* __restrict__ what = nullptr) {
   using acc_t = acc_type<scalar_t>;

@@ -37,7 +37,7 @@ struct BwdLayer {
   const void* g;
   const void* w;
   const float* thr;
-  void* gw;   // [C, K], row stride gws0, inner stride 1
+  void* gw;   // [C, K], row stride gws0, inner stride 1; may be g itself (same strides): in place
   float* gt;  // [C]
   int64_t C, K, gs0, gs1, ws0, ws1, ts, gws0;
   at::ScalarType dtype;

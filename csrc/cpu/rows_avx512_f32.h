@@ -112,10 +112,10 @@ RGK_AVX512_F32 inline __m512 bwd_vec(const float* g, const float* w, float* gw, 
 
 // Backward of one row (DESIGN.md §2): gw, W_hat into `what` when kWhat, and the return value
 // grad_threshold = -sum_j g W H'(x). `partial`: scratch for the block sums of rows longer than kBase
-// entries (K / kBase + 1 floats).
+// entries (K / kBase + 1 floats). gw may be g (in place: each vector is loaded before it is stored).
 template <bool kDst, bool kWhat, int64_t kBase>
-RGK_AVX512_F32 inline float bwd_row(const float* __restrict__ g, const float* __restrict__ w, int64_t K, float t,
-                                    float* __restrict__ gw, float* __restrict__ what, float* __restrict__ partial) {
+RGK_AVX512_F32 inline float bwd_row(const float* g, const float* __restrict__ w, int64_t K, float t,
+                                    float* gw, float* __restrict__ what, float* __restrict__ partial) {
   static_assert(kBase % 16 == 0, "blocks of whole vectors");
   const __m512 tv = _mm512_set1_ps(t);
   int64_t nb = 0;
