@@ -92,6 +92,7 @@ SHAPES = [  # (leading dims of x, in K, out O)
     ((4,), 70000, 3),  # K above the block size: one row per block
     ((1,), 300, 700),  # a partial last block
     ((300,), 20, 70),  # more batch rows than one forward / weight-gradient tile (256)
+    ((0,), 16, 70),  # an empty batch: zero gradients
 ]
 
 
@@ -130,8 +131,8 @@ def test_dtypes(dtype):
 def test_forward_and_input_gradient_equal_the_composition_exactly(impl):
     """Same mask: counts, threshold, the mask and the bias gradient are bit-identical to F.linear on
     the compiled masked_weight; so are the forward and the input gradient where the node runs ATen's GEMMs
-    (with the micro-kernel they differ by float32 GEMM rounding); the weight gradients differ by the
-    blocked GEMM's rounding."""
+    (with the micro-kernel they differ by float32 GEMM rounding, and the bias gradient is dy's column
+    sums in batch order, exactly); the weight gradients differ by the blocked GEMM's rounding."""
     x, w = rand(32, 96, seed=1), rand(300, 96, seed=2, scale=0.5)
     t, b, dy = thresholds(w), rand(300, seed=3), rand(32, 300, seed=4)
     fused = run_fused(x, w, t, b, dy)
@@ -140,6 +141,11 @@ def test_forward_and_input_gradient_equal_the_composition_exactly(impl):
     for i in (0, 1, 4, 5, 6, 7):  # y, dx, db, counts, t, mask
         if i in (0, 1) and not exact_gemms:
             assert rel_err(fused[i], comp[i]) <= 1e-6, i
+        elif i == 4 and not exact_gemms:
+            in_order = dy[0].clone()
+            for r in range(1, dy.shape[0]):
+                in_order += dy[r]
+            assert torch.equal(fused[i], in_order)
         else:
             assert torch.equal(fused[i], comp[i]), i
     assert rel_err(fused[2], comp[2]) <= 1e-6 and rel_err(fused[3], comp[3]) <= 1e-5

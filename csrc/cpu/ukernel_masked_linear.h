@@ -30,14 +30,14 @@ at::Tensor ukernel_masked_forward(const at::Tensor& x2, const at::Tensor& weight
                                   const at::Tensor& bias, double guard_ratio, at::Tensor& counts, at::Tensor& bits,
                                   int64_t& ran_rows);
 
-// Backward (DESIGN.md §2): (dx, dW, dt), undefined where not asked for. `counts`: the forward's
-// (they say which rows its GEMMs skipped; the input gradient skips the same ones). The mask is
-// computed again from W and t in cache, as in the forward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(const at::Tensor& dy2, const at::Tensor& x2,
-                                                                       const at::Tensor& weight,
-                                                                       const at::Tensor& threshold,
-                                                                       const at::Tensor& counts, int64_t grad_mode,
-                                                                       bool need_x, bool need_wt);
+// Backward (DESIGN.md §2): (dx, dW, dt, db), undefined where not asked for (need_wt: dW and dt).
+// `counts`: the forward's (they say which rows its GEMMs skipped; the input gradient skips the same
+// ones). The mask is computed again from W and t in cache, as in the forward. db = dy's column sums,
+// each summed over the batch in order (with need_wt, from the tiles of dy the weight-gradient pass
+// reads anyway).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backward(
+    const at::Tensor& dy2, const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& threshold,
+    const at::Tensor& counts, int64_t grad_mode, bool need_x, bool need_wt, bool need_b);
 
 // Rows of the forward's blocks that its GEMMs skip, given the keep counts (the rule above).
 int64_t skipped_rows(const int32_t* counts, int64_t O, bool* skip = nullptr);
