@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out,
     float* gwp = grad_weight.data_ptr<float>();
     at::parallel_for(0, (O + R - 1) / R, 1, [&](int64_t b0, int64_t b1) {
       cpu::Scratch<double> scratch;
-      scratch.grow(K);
+      scratch.grow(2 * K);  // in place: bwd_rows' products and a copy of g's row
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * R, rb = std::min(R, O - r0);
         float* gblk = gwp + r0 * K;  // dL/dW_hat of the block, then (in place) its weight gradient
@@ -132,9 +132,9 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out,
   }
 
   const int64_t rows_per_block = std::max<int64_t>(1, std::min<int64_t>(O, kBlockElems / K));
-  // Scratch of the row kernel (the products g * W * H'(x)), one row per thread.
+  // Scratch of the row kernel (the products g * W * H'(x) and, in place, a copy of g's row), per thread.
   const int64_t nthreads = at::get_num_threads();
-  std::vector<double> scratch(static_cast<size_t>(nthreads * K));
+  std::vector<double> scratch(static_cast<size_t>(nthreads * 2 * K));  // in place: 2 K per thread
   const at::Tensor dyt = grad_out.t();  // [O, B]
   char* gw_base = static_cast<char*>(grad_weight.data_ptr());
   const char* w_base = static_cast<const char*>(weight.data_ptr());
@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out,
     const int64_t grain = std::max<int64_t>(1, (1 << 14) / K);
     at::parallel_for(0, rb, grain, [&](int64_t b, int64_t e) {
       const int64_t tid = at::get_thread_num();
-      cpu::bwd_rows(L, b, e, dst, scratch.data() + std::min(tid, nthreads - 1) * K);
+      cpu::bwd_rows(L, b, e, dst, scratch.data() + std::min(tid, nthreads - 1) * 2 * K);
     });
   }
   return {grad_weight, grad_threshold};

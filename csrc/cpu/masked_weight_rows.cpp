@@ -149,12 +149,12 @@ RGK_ALWAYS_INLINE acc_t pairwise_sum(acc_t* __restrict__ p, int64_t n) {
 
 // Backward for one row: writes the weight gradient (and, when kWhat, W_hat = W * M into `what`, for
 // a GEMM that needs the masked weight too), returns grad_threshold (before the cast to float32).
-// `prod` is scratch of K entries for the products g * W * H'(x). gw may be g itself (in place: entry j
-// is read before it is written, and no other entry is written in between), hence no __restrict__.
+// `prod` is scratch of K entries for the products g * W * H'(x). g and gw must not overlap (the
+// loops are vectorised on that promise; bwd_rows_t copies g's row first when they would).
 template <typename scalar_t, bool kContig, bool kDst, bool kWhat = false>
-RGK_ALWAYS_INLINE acc_type<scalar_t> bwd_row(const scalar_t* g, int64_t gs,
+RGK_ALWAYS_INLINE acc_type<scalar_t> bwd_row(const scalar_t* __restrict__ g, int64_t gs,
                                              const scalar_t* __restrict__ w, int64_t ws, int64_t K,
-                                             acc_type<scalar_t> t, scalar_t* gw,
+                                             acc_type<scalar_t> t, scalar_t* __restrict__ gw,
                                              acc_type<scalar_t>* __restrict__ prod,
                                              scalar_t* __restrict__ what = nullptr) {
   using acc_t = acc_type<scalar_t>;
@@ -259,6 +259,12 @@ RGK_ALWAYS_INLINE void bwd_rows_t(const BwdLayer& L, int64_t r0, int64_t r1, boo
   scalar_t* gw = static_cast<scalar_t*>(L.gw);
   const bool contig = L.gs1 == 1 && L.ws1 == 1;
   acc_t* prod = static_cast<acc_t*>(scratch);
+  // In place (the fused linear's weight-gradient GEMM writes g into gw): the intrinsics read each
+  // vector before they store it; the generic loops get a copy of g's row (in L1), because with
+  // aliased rows gcc's run-time overlap check sends them to their scalar versions (G.l1 on strided
+  // weights, FastGAN's transposed first layer: 3x slower).
+  const bool in_place = L.g == L.gw;
+  scalar_t* g_copy = reinterpret_cast<scalar_t*>(static_cast<double*>(scratch) + L.K);
   for (int64_t r = r0; r < r1; ++r) {
     const acc_t t = static_cast<acc_t>(L.thr[r * L.ts]);
     const scalar_t* gr = g + r * L.gs0;
@@ -281,6 +287,10 @@ RGK_ALWAYS_INLINE void bwd_rows_t(const BwdLayer& L, int64_t r0, int64_t r1, boo
       }
     }
 #endif
+    if (in_place) {  // g's rows have gw's layout: unit inner stride
+      std::memcpy(g_copy, gr, static_cast<size_t>(L.K) * sizeof(scalar_t));
+      gr = g_copy;
+    }
     if (L.w_hat != nullptr) {  // contiguous rows only (checked by the caller)
       scalar_t* whr = static_cast<scalar_t*>(L.w_hat) + r * L.K;
       s = dst ? bwd_row<scalar_t, true, true, true>(gr, 1, wr, 1, L.K, t, gwr, prod, whr)

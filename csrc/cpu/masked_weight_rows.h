@@ -57,7 +57,7 @@ int64_t fwd_rows(const FwdLayer& L, int64_t r0, int64_t r1, bool zero_threshold)
 void fwd_layers(std::vector<FwdLayer>& layers, double guard_ratio);
 
 // Backward of rows [r0, r1): weight gradient and grad_threshold. `scratch` holds at least K
-// doubles. Single-threaded.
+// doubles, 2 K when in place (L.gw == L.g). Single-threaded.
 void bwd_rows(const BwdLayer& L, int64_t r0, int64_t r1, bool dst, void* scratch);
 
 // The instruction-set variants: names of those this CPU can run (best first), the one in use,

@@ -450,10 +450,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backwa
       // One range of blocks; dx_acc: where its input-gradient share goes (nullptr: not fused).
       auto run_blocks = [&](int64_t b0, int64_t b1, float* dx_acc) {
         thread_local Scratch<float> at_, wb, ab;  // dy's tile transposed; W_hat; dy's live columns
-        thread_local Scratch<double> scratch;         // bwd_rows' products
+        thread_local Scratch<double> scratch;         // bwd_rows' products (and copy of g's row)
         thread_local std::vector<int64_t> live;
         at_.grow(kUkRows * kBatchChunk);
-        scratch.grow(K);
+        scratch.grow(2 * K);  // bwd_rows in place: its products and a copy of g's row
         if (dx_acc != nullptr) {
           wb.grow(kUkRows * K);
           ab.grow(kUkRows * B);
