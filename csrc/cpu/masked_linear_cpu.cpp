@@ -36,9 +36,9 @@ namespace rgkernels {
 namespace {
 
 // Elements per block of the weight-gradient GEMM: 64K floats = 256 KB, half of this machine
-// class's L2 (1-2 MB per core), leaving room for the W and grad-weight rows streaming through. Measured on a Zen 4 core
-// (benchmarks/bench_masked_layers.py): 32K-256K elements are within noise of each other; fewer
-// and larger blocks fall out of L2, many small ones pay the GEMM call overhead.
+// class's L2 (1-2 MB per core), leaving room for the W rows streaming through. Measured on a Zen 4
+// core (benchmarks/bench_masked_layers.py): 32K-256K elements are within noise of each other;
+// fewer and larger blocks fall out of L2, many small ones pay the GEMM call overhead.
 constexpr int64_t kBlockElems = 1 << 16;
 
 // ---- the GEMM choice ---------------------------------------------------------------------------

@@ -12,12 +12,12 @@
 //   forward  y[:, block] = x W_hat[block]^T (the block's W_hat transposed in cache) where the batch is
 //            at least half the row length, else y^T[block] = W_hat[block] x^T and that tile transposed
 //            into y
-//   weight gradient  g[block] = (dy[:, block])^T x (dy's tile transposed in cache), written by the GEMM
-//            into grad_weight's rows, then the masked-weight backward of masked_weight_rows.cpp in place
-//            on them while they are in cache. (Into a buffer in cache, as before, the row kernel's
-//            stores to grad_weight took the cache misses of 2 MB of writes on SNGAN G.l1, in a phase
-//            with nothing else to do; the GEMM's stores overlap its FMAs, as the dense layer's do.
-//            Layer step G.l1 1.18-1.31x -> 1.07-1.23x dense, alternating processes, Intel Xeon.)
+//   weight gradient  g[block] = (dy[:, block])^T x (dy's tile transposed in cache), written by the
+//            GEMM into grad_weight's rows, then the masked-weight backward of masked_weight_rows.cpp
+//            in place on them while they are in cache, and the bias gradient from dy's tile. (With g
+//            in a buffer in cache, the row kernel's stores to grad_weight took the cache misses of
+//            its 2 MB on SNGAN G.l1 in a phase with nothing else to do; the GEMM's stores overlap its
+//            FMAs, as the dense layer's do: G.l1's step 1.18-1.31x -> 1.07-1.23x dense, Intel Xeon.)
 //   input gradient  in the same pass where the batch is small next to the layer (the masked-weight
 //            backward also writes the block's W_hat in cache, then dx += dy[:, block] W_hat[block]),
 //            else its own pass: dx[:, cols] = sum over blocks of rows dy[:, rows] W_hat[rows, cols],
@@ -183,7 +183,8 @@ __attribute__((target("avx512f"))) void sum_rows_avx512(const float* a, int64_t 
 
 __attribute__((target("avx512f"))) void add_into_avx512(float* dst, const float* src, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_loadu_ps(dst + i), _mm512_loadu_ps(src + i)));
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_loadu_ps(dst + i), _mm512_loadu_ps(src + i)));
   add_into_scalar(dst + i, src + i, n - i);
 }
 #endif
