@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out,
         float* gblk = gwp + r0 * K;  // dL/dW_hat of the block, then (in place) its weight gradient
         cpu::gemm_f32(rb, K, B, dyp + r0 * B, B, xp, K, gblk, K, false);
         const cpu::BwdLayer L{gblk, wp + r0 * weight.stride(0), threshold.data_ptr<float>() + r0 * threshold.stride(0),
-                              gwp + r0 * K, grad_threshold.data_ptr<float>() + r0, rb, K, K, 1,
+                              gblk, grad_threshold.data_ptr<float>() + r0, rb, K, K, 1,
                               weight.stride(0), weight.stride(1), threshold.stride(0), K, at::kFloat};
         cpu::bwd_rows(L, 0, rb, dst, scratch.data());
       }
@@ -136,7 +136,6 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out,
   const int64_t nthreads = at::get_num_threads();
   std::vector<double> scratch(static_cast<size_t>(nthreads * 2 * K));  // in place: 2 K per thread
   const at::Tensor dyt = grad_out.t();  // [O, B]
-  char* gw_base = static_cast<char*>(grad_weight.data_ptr());
   const char* w_base = static_cast<const char*>(weight.data_ptr());
   const int64_t esize = weight.element_size();
 
@@ -151,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_grad(const at::Tensor& grad_out,
     const cpu::BwdLayer L{gb.data_ptr(),
                           w_base + r0 * weight.stride(0) * esize,
                           threshold.data_ptr<float>() + r0 * threshold.stride(0),
-                          gw_base + r0 * K * esize,
+                          gb.data_ptr(),  // in place
                           grad_threshold.data_ptr<float>() + r0,
                           rb,
                           K,

@@ -261,8 +261,8 @@ RGK_ALWAYS_INLINE void bwd_rows_t(const BwdLayer& L, int64_t r0, int64_t r1, boo
   acc_t* prod = static_cast<acc_t*>(scratch);
   // In place (the fused linear's weight-gradient GEMM writes g into gw): the intrinsics read each
   // vector before they store it; the generic loops get a copy of g's row (in L1), because with
-  // aliased rows gcc's run-time overlap check sends them to their scalar versions (G.l1 on strided
-  // weights, FastGAN's transposed first layer: 3x slower).
+  // aliased rows gcc's run-time overlap check sends them to their scalar versions (FastGAN's
+  // transposed first layer, a strided weight: its backward rows took 3x as long).
   const bool in_place = L.g == L.gw;
   scalar_t* g_copy = reinterpret_cast<scalar_t*>(static_cast<double*>(scratch) + L.K);
   for (int64_t r = r0; r < r1; ++r) {

@@ -473,7 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ukernel_masked_backwa
           }
           BwdLayer L{gblk, weight.data_ptr<float>() + r0 * weight.stride(0),
                      threshold.data_ptr<float>() + r0 * threshold.stride(0),
-                     grad_weight.data_ptr<float>() + r0 * K, grad_threshold.data_ptr<float>() + r0, rb, K, K, 1,
+                     gblk, grad_threshold.data_ptr<float>() + r0, rb, K, K, 1,
                      weight.stride(0), weight.stride(1), threshold.stride(0), K, at::kFloat};
           if (dx_acc != nullptr) L.w_hat = wb.data();
           bwd_rows(L, 0, rb, dst, scratch.data());
