@@ -1,5 +1,5 @@
 // float32 row kernels written with AVX-512 intrinsics, for contiguous rows (masked_weight_rows.cpp's
-// AVX-512 variant calls them; included there only).
+// AVX-512 variant calls them; ukernel_masked_linear.cpp uses the target macro and first_lanes).
 //
 // Why not gcc's vectorisation of the generic loops: the mask of 16 weights is one compare into a
 // mask register, which is already the bit-packed mask, its keep count (popcount) and the select of

@@ -43,11 +43,7 @@
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
-// gcc 12's AVX-512 headers start some intrinsics from a self-initialised (undefined) vector, which
-// -Wall reports as uninitialised; the values are never read.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
+#include "rows_avx512_f32.h"  // RGK_AVX512_F32, first_lanes
 #define RGK_HAVE_AVX512_TRANSPOSE 1
 #else
 #define RGK_HAVE_AVX512_TRANSPOSE 0
@@ -78,7 +74,7 @@ void transpose_scalar(const float* src, int64_t lds, float* dst, int64_t ldd, in
 
 #if RGK_HAVE_AVX512_TRANSPOSE
 // One 16x16 tile: unpack pairs of rows, 4x4 blocks within 128-bit lanes, then the lanes.
-__attribute__((target("avx512f"))) void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+RGK_AVX512_F32 void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m512 u[16];
   for (int g = 0; g < 4; ++g) {
     const __m512 r0 = _mm512_loadu_ps(src + (4 * g) * lds), r1 = _mm512_loadu_ps(src + (4 * g + 1) * lds);
@@ -101,10 +97,13 @@ __attribute__((target("avx512f"))) void transpose16(const float* src, int64_t ld
   }
 }
 
+// The features RGK_AVX512_F32 compiles for.
 bool have_avx512() {
   static const bool ok = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("popcnt");
   }();
   return ok;
 }
@@ -134,12 +133,11 @@ void add_bias_rows_scalar(float* y, int64_t ldy, int64_t rows, const float* b, i
 }
 
 #if RGK_HAVE_AVX512_TRANSPOSE
-__attribute__((target("avx512f"))) void add_bias_rows_avx512(float* y, int64_t ldy, int64_t rows, const float* b,
-                                                             int64_t n) {
+RGK_AVX512_F32 void add_bias_rows_avx512(float* y, int64_t ldy, int64_t rows, const float* b, int64_t n) {
   for (int64_t r = 0; r < rows; ++r) {
     float* yr = y + r * ldy;
     for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 in = static_cast<__mmask16>(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+      const __mmask16 in = avx512_f32::first_lanes(n - i);
       const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(in, yr + i), _mm512_maskz_loadu_ps(in, b + i));
       _mm512_mask_storeu_ps(yr + i, in, sum);
     }
@@ -170,10 +168,10 @@ void add_into_scalar(float* dst, const float* src, int64_t n) {
 }
 
 #if RGK_HAVE_AVX512_TRANSPOSE
-__attribute__((target("avx512f"))) void sum_rows_avx512(const float* a, int64_t lda, int64_t rows, int64_t n,
-                                                       float* acc, bool accumulate) {
+RGK_AVX512_F32 void sum_rows_avx512(const float* a, int64_t lda, int64_t rows, int64_t n, float* acc,
+                                    bool accumulate) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 in = static_cast<__mmask16>(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+    const __mmask16 in = avx512_f32::first_lanes(n - i);
     __m512 s = _mm512_maskz_loadu_ps(in, a + i);
     if (accumulate) s = _mm512_add_ps(_mm512_maskz_loadu_ps(in, acc + i), s);
     for (int64_t r = 1; r < rows; ++r) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(in, a + r * lda + i));
@@ -181,7 +179,7 @@ __attribute__((target("avx512f"))) void sum_rows_avx512(const float* a, int64_t 
   }
 }
 
-__attribute__((target("avx512f"))) void add_into_avx512(float* dst, const float* src, int64_t n) {
+RGK_AVX512_F32 void add_into_avx512(float* dst, const float* src, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
     _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_loadu_ps(dst + i), _mm512_loadu_ps(src + i)));
