@@ -2,17 +2,23 @@
 # What a session with a GPU runs (the lent H100 has torch and Triton preinstalled and no network):
 #
 #   bash scripts/gpu_check.sh build      pip install --no-build-isolation --no-deps -e . (sm_90), info
-#   bash scripts/gpu_check.sh test       the GPU tests (pytest -m gpu) and the CPU tests of the kernels
-#   bash scripts/gpu_check.sh sanitize   compute-sanitizer memcheck + racecheck over the CUDA op tests
+#   bash scripts/gpu_check.sh test       the tests that run on the device (op tests -m gpu, Triton layers)
+#   bash scripts/gpu_check.sh sanitize   compute-sanitizer memcheck + racecheck over the CUDA backend's op tests
 #   bash scripts/gpu_check.sh bench [K]  all GPU benchmarks (or those matching -k K) to a JSON file
 #   bash scripts/gpu_check.sh targets [M] the masked-layer cases the #4 GPU targets need (keep 1.0 step,
 #                                        50% rows fwd_dgrad, their dense baselines), for model M
 #                                        (sngan32, stylegan2_256, fastgan256; default all)
+#   bash scripts/gpu_check.sh all [S]    build, test, targets per model, sanitize, in that order, within
+#                                        S seconds (default 330): a step that would start with less than
+#                                        30 s left is skipped and one that overruns is interrupted, so one
+#                                        device call brings back whatever finished (rerun the rest after)
 #
-# Results go to $OUT when set (the device tool copies that folder back), else benchmarks/results/.
-# Each step fits the device tool's 10-minute limit; `build` must have run in the same machine
-# lease (a fresh machine starts bare). The file names carry the device and the date, as
-# BENCHMARKS.md expects; commit them and summarise them there.
+# Results go to $OUT when set (the device tool copies that folder back, at most 8 files: `all` writes
+# 7), else benchmarks/results/. Each step fits the device tool's 10-minute limit; `build` must have
+# run in the same machine lease (a fresh machine starts bare). The lent machine has no clean-fid, so
+# the test steps name the files that hold device tests instead of collecting all of tests/ (one
+# module that imports it fails collection, and pytest then runs nothing). The file names carry the
+# device and the date, as BENCHMARKS.md expects; commit them and summarise them there.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -30,16 +36,19 @@ case "${1:-}" in
     ;;
   test)
     # TRITON_INTERPRET stays unset: with a device the Triton kernels run compiled.
-    "$PY" -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tee "$DEST/${tag}_gpu_tests.txt" | tail -15
-    "$PY" -m pytest tests/test_masked_weight.py tests/test_sparse_exec.py tests/test_triton_masked_linear.py \
-      tests/test_cpu_masked_linear.py -q -p no:cacheprovider 2>&1 | tail -3
+    # The device cases of the op tests (-m gpu), then every test of the files whose tests run on the
+    # device whenever there is one (Triton linear/conv kernels, sparse execution).
+    "$PY" -m pytest -m gpu tests/test_masked_weight.py tests/test_triton_masked_weight.py -q -p no:cacheprovider \
+      2>&1 | tee "$DEST/${tag}_gpu_tests.txt" | tail -15
+    "$PY" -m pytest tests/test_sparse_exec.py tests/test_triton_masked_linear.py -q -p no:cacheprovider \
+      2>&1 | tee -a "$DEST/${tag}_gpu_tests.txt" | tail -15
     ;;
   sanitize)
     san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
     for tool in memcheck racecheck; do
       "$san" --tool "$tool" --error-exitcode 1 --target-processes all \
-        "$PY" -m pytest -m gpu tests/test_masked_weight.py -k cuda -q -p no:cacheprovider \
-        2>&1 | tee "$DEST/${tag}_sanitizer_${tool}.txt" | tail -5
+        "$PY" -m pytest -m gpu tests/test_masked_weight.py -k cuda-cuda -q -p no:cacheprovider \
+        2>&1 | tee -a "$DEST/${tag}_sanitizer.txt" | tail -5
     done
     ;;
   bench)
@@ -53,8 +62,25 @@ case "${1:-}" in
     "$PY" -m pytest benchmarks/bench_masked_layers.py -k "$filter" --benchmark-only -q -p no:cacheprovider \
       --benchmark-json="$DEST/${tag}_targets${model:+_$model}.json" 2>&1 | tail -5
     ;;
+  all)
+    deadline=$((SECONDS + ${2:-330}))
+    log="$DEST/${tag}_all.log"
+    step() {  # step NAME ARGS...: run "$0 ARGS" if 30 s are left, interrupted (SIGINT) at the deadline
+      local left=$((deadline - SECONDS))
+      if ((left < 30)); then echo "== $1: skipped, ${left} s left" | tee -a "$log"; return 0; fi
+      echo "== $1 ($(date -u +%H:%M:%S), ${left} s left)" | tee -a "$log"
+      local rc=0
+      timeout -s INT -k 10 "$left" bash "$0" "${@:2}" 2>&1 | tee -a "$log" || rc=$?
+      echo "== $1: exit ${rc}, $((SECONDS))s" | tee -a "$log"
+    }
+    step build build
+    "$PY" -c "import rgkernels._C" 2>/dev/null || { echo "== the extension did not build: stopping" | tee -a "$log"; exit 1; }
+    step test test
+    for m in sngan32 stylegan2_256 fastgan256; do step "targets $m" targets "$m"; done
+    step sanitize sanitize
+    ;;
   *)
-    sed -n 2,16p "$0"
+    sed -n 2,20p "$0"
     exit 2
     ;;
 esac
