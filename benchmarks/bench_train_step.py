@@ -25,12 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-rgkernels = pytest.importorskip("rgkernels")
-if not all(hasattr(rgkernels, n) for n in ("sparsify", "protect_pruned", "count_flops")):
-    pytest.skip("the rgkernels layer API is not available", allow_module_level=True)
-
-from rggan_fast.config import resolve_config  # noqa: E402
-from rggan_fast.training.loop import TrainingRun  # noqa: E402
+from rggan_fast.config import resolve_config
+from rggan_fast.training.loop import TrainingRun
 
 CUDA = torch.cuda.is_available()
 G_CH, D_CH, BATCH = (int(v) for v in os.environ.get("BENCH_TRAIN", "256,128,64" if CUDA else "64,64,32").split(","))
@@ -56,22 +52,26 @@ class _Step(torch.autograd.Function):
         return g * h
 
 
-def eager_masked_weight(w, t):
+def eager_masked_weight(module, w, t):
+    """W * S(|W| - t) for `module`'s effective weight `w`, the mask kept on the module for eager_protect."""
     shape = (-1,) + (1,) * (w.dim() - 1)
+    hook = w.requires_grad and torch.is_grad_enabled()
+    if hook:
+        w = w + 0  # a node of our own: its hook sees the whole weight gradient (both factors' terms)
     m = _Step.apply(w.abs() - t.view(shape))
     if float(m.detach().mean()) <= 0.01:  # collapse guard, one host sync per layer
         with torch.no_grad():
             t.zero_()
         m = _Step.apply(w.abs() - t.view(shape))
-    if w.requires_grad and torch.is_grad_enabled():  # "dst": autograd through W * S(|W| - t), then the weight gradient times M
-        mask = m.detach()
-        w = w + 0  # a node of our own for the hook
+    mask = m.detach()
+    module._eager_mask = mask
+    if hook:  # "dst": autograd through W * S(|W| - t), then the weight gradient times M
         w.register_hook(lambda g: g * mask)
     return w * m
 
 
 def _eager_forward(self, x):
-    w = eager_masked_weight(self.weight, self.threshold)
+    w = eager_masked_weight(self, self.weight, self.threshold)
     if isinstance(self, nn.Linear):
         return F.linear(x, w, self.bias)
     return self._conv_forward(x, w, self.bias)
@@ -87,6 +87,8 @@ def eagerify(net):
 
 
 def eager_protect(layers, opt):
+    """Restores pruned entries after each optimiser step: the mask is the last forward's, computed on
+    the effective weight (spectral norm's W / sigma), and it freezes the stored parameter (DESIGN.md §2)."""
     saved = []
 
     def stored(m):
@@ -96,9 +98,10 @@ def eager_protect(layers, opt):
         saved.clear()
         with torch.no_grad():
             for m in layers:
-                w = stored(m)
-                keep = w.abs() > m.threshold.view((-1,) + (1,) * (w.dim() - 1))
-                saved.append((w, keep, w.clone()))
+                mask = getattr(m, "_eager_mask", None)
+                if mask is not None:
+                    w = stored(m)
+                    saved.append((w, mask.bool(), w.clone()))
 
     def after(o, a, k):
         with torch.no_grad():

@@ -16,3 +16,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchutil, sha
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Some benchmarks pin torch's thread count (the paired CPU ones run on one thread): later files
+    get the count back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

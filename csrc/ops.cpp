@@ -2,7 +2,7 @@
 //
 // The CPU implementations are registered in csrc/cpu/, the CUDA ones in csrc/cuda/ (each file
 // registers its own with TORCH_LIBRARY_IMPL). Fake (meta) implementations live in Python
-// (rgkernels/ops/_fake.py) so that the ops trace under torch.compile.
+// (rgkernels/ops/compiled.py) so that the ops trace under torch.compile.
 //
 // Tensors passed in are 2-D views [C, K] of a layer's weight (any strides); outputs are
 // contiguous [C, K]. keep_counts are int32 [C]; grad_threshold has the threshold's dtype (float32).

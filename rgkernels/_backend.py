@@ -100,13 +100,13 @@ def availability(backend: str, device_type: str) -> Tuple[bool, str]:
         return True, ""
     if backend == "triton":
         try:
-            from .ops import triton_masked_weight
+            from .ops import _triton_util, triton_masked_weight
         except Exception as exc:  # triton missing or broken: report, never crash
             return False, f"Triton backend failed to import ({type(exc).__name__}: {exc})".splitlines()[0]
         ok, why = triton_masked_weight.available()
         if ok and device_type == "cuda" and not torch.cuda.is_available():
             return False, "no CUDA device"
-        if ok and device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if ok and device_type == "cpu" and not _triton_util.env_interpret():
             return False, "Triton runs CPU tensors only under TRITON_INTERPRET=1"
         if ok and device_type not in ("cpu", "cuda"):
             return False, f"Triton does not run {device_type} tensors"

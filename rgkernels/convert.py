@@ -18,7 +18,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .layers import MASKED_CLASSES, MaskedLayer
+from .layers import MASKED_CLASSES, MaskedLayer, check_mode_flag
+
+
+def _check_module(module, where: str) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{where}: expected an nn.Module (a model or a layer), got {type(module).__name__}")
 
 
 def _masked_class_for(m: nn.Module):
@@ -38,6 +43,7 @@ def _masked_class_for(m: nn.Module):
 def sparsify(module: nn.Module) -> nn.Module:
     """Converts every nn.Linear / nn.Conv2d / nn.ConvTranspose2d inside `module` (itself included) to
     its masked layer, in place, in sparse mode with zero thresholds. Returns `module`."""
+    _check_module(module, "sparsify")
     for m in list(module.modules()):
         if isinstance(m, MaskedLayer):
             continue
@@ -55,6 +61,8 @@ def masked_layers(module: nn.Module) -> List[Tuple[str, MaskedLayer]]:
 
 def set_sparse(module: nn.Module, flag: bool) -> nn.Module:
     """Puts every masked layer inside `module` in sparse (True) or dense (False) mode."""
+    _check_module(module, "set_sparse")
+    check_mode_flag(flag)
     for _, m in masked_layers(module):
         m.sparse = flag
     return module
@@ -85,6 +93,7 @@ def _active(layer: MaskedLayer) -> Union[int, Tensor]:
 
 def keep_ratio(module: nn.Module) -> float:
     """Active weights / maskable weights over all masked layers (1.0 when there are none)."""
+    _check_module(module, "keep_ratio")
     layers = [m for _, m in masked_layers(module)]
     total = sum(m._stored_weight().numel() for m in layers)
     if total == 0:
@@ -99,6 +108,7 @@ def layer_stats(module: nn.Module) -> Dict[str, Dict[str, float]]:
     (0 at the first call). It compares two snapshots, so a weight pruned and regrown between calls
     is not counted; switching a layer to dense mode counts every pruned weight as regenerated.
     """
+    _check_module(module, "layer_stats")
     layers = masked_layers(module)
     values: List[Union[int, Tensor]] = []
     for _, m in layers:
@@ -126,19 +136,29 @@ def layer_stats(module: nn.Module) -> Dict[str, Dict[str, float]]:
 def stats_state(module: nn.Module) -> Dict[str, Tensor]:
     """The masks layer_stats compares against at its next call (name -> bool mask), so that a
     checkpoint can carry them and regeneration counts continue across a resume."""
+    _check_module(module, "stats_state")
     return {name: m._stats_mask for name, m in masked_layers(module) if m._stats_mask is not None}
 
 
 def load_stats_state(module: nn.Module, state: Dict[str, Tensor]) -> None:
     """Restore what stats_state returned (layers missing from `state` start afresh)."""
+    _check_module(module, "load_stats_state")
     for name, m in masked_layers(module):
         mask = state.get(name)
-        m._stats_mask = None if mask is None else mask.to(device=m._stored_weight().device, dtype=torch.bool)
+        if mask is not None:
+            numel = m._stored_weight().numel()
+            shape = (m.mask_rows, numel // m.mask_rows if m.mask_rows else 0)
+            if tuple(mask.shape) != shape:  # a mask of another model would broadcast into wrong counts
+                raise ValueError(f"load_stats_state: the mask of layer {name!r} has shape {tuple(mask.shape)}, "
+                                 f"the layer's is {shape}")
+            mask = mask.to(device=m._stored_weight().device, dtype=torch.bool)
+        m._stats_mask = mask
 
 
 def threshold_regularizer(module: nn.Module, lam: float) -> Tensor:
     """lam * sum_i exp(-t_i) over the thresholds of the masked layers in sparse mode (§1); a zero
     tensor when none is sparse. Its gradient on t_i is -lam * exp(-t_i)."""
+    _check_module(module, "threshold_regularizer")
     ts = [m.threshold for _, m in masked_layers(module) if m.sparse]
     if not ts:
         layers = masked_layers(module)

@@ -22,10 +22,13 @@ The three figures, never mixed:
   * active:   only weights with M = 1 in this forward (the paper's convention) for the forward and
               input-gradient GEMMs; the weight gradient stays dense. Plain nn layers and masked
               layers in dense mode have M = 1.
-  * executed: what the kernels ran. Layers on the masked-weight path (the default) and plain nn layers
-              run the dense GEMM: executed == dense. Masked layers whose forward ran the fused kernels
-              (rgkernels/sparse_exec.py) count their live output channels and the input channels they
-              reduced over, as recorded by that forward on the device: forward = 2 * uses * live rows
+  * executed: what the kernels ran. Plain nn layers, and masked layers on the masked-weight path
+              (the default) where ATen runs the GEMM on W * M, run it dense: executed == dense. Masked
+              layers whose forward ran the fused kernels (rgkernels/sparse_exec.py), or the CPU's
+              one-node masked linear (rgkernels/ops/cpu_masked_linear.py, which leaves entirely pruned
+              rows out of its GEMMs once they are numerous enough), count their live output channels
+              and the input channels they reduced over, as recorded by that forward on the device
+              (the CPU node: every input channel): forward = 2 * uses * live rows
               * reduced input channels * kh * kw; input_grad the same, except that the input channels
               are all of them unless the chain lets the kernel skip them; weight_grad = 2 * uses *
               all rows * reduced input channels (the weight-gradient GEMM stays dense over rows).
@@ -142,6 +145,11 @@ def _active_weights(m: nn.Module, weights: int) -> Union[int, Tensor]:
 @torch.no_grad()
 def count_flops(module: nn.Module, *example_inputs) -> FlopReport:
     """FLOPs of `module(*example_inputs)` and of a training step on it; see the module docstring."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"count_flops: expected an nn.Module, got {type(module).__name__}")
+    if not example_inputs:
+        raise TypeError("count_flops(module, *example_inputs): give the inputs of one forward, "
+                        "e.g. count_flops(G, z)")
     calls: List[tuple] = []  # (name, module, kind, uses, active weights)
     names = {id(m): n for n, m in module.named_modules()}
 
@@ -174,7 +182,7 @@ def count_flops(module: nn.Module, *example_inputs) -> FlopReport:
     for (name, m, kind, uses, _, _), active, ex in zip(calls, actives, execs):
         weights = stored_weight(m).numel()
         dense, act = 2 * uses * weights, 2 * uses * active
-        # The masked-weight path runs the dense GEMM on W * M (executed == dense); fused kernels report theirs.
+        # ATen's dense GEMM on W * M: executed == dense; the fused kernels and the CPU node record theirs.
         ex = ex or (dense, dense, dense)
         prev = report.layers.get(name)
         lf = LayerFlops(name, kind, 1, weights, active, uses, FlopCounts(dense, act, ex[0]),

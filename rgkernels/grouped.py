@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, Tuple
 
 from torch import Tensor, nn
 
+from . import _backend
 from .convert import masked_layers
 from .layers import MaskedLayer
 from .ops.masked_weight import masked_weight_grouped
@@ -32,6 +33,11 @@ def grouped_masks(module: nn.Module) -> Iterator[nn.Module]:
     try:
         groups: Dict[tuple, List[Tuple[MaskedLayer, Tensor]]] = {}
         for m in layers:
+            if m.execution == "fused":  # the precomputed W * M takes the masked_weight path (documented)
+                _backend.warn_once(f"exec-fused:{type(m).__name__}:grouped_masks",
+                                   f"rgkernels: execution='fused' unavailable for {type(m).__name__} inside "
+                                   f"grouped_masks (its masked weight is computed by the grouped launch); "
+                                   f"running masked_weight + the ATen GEMM")
             m._hook_stored_weight()
             w = m._to_rows(m.weight)
             groups.setdefault((w.device, m.grad_mode, m.guard_ratio), []).append((m, w))

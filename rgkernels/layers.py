@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .ops import cpu_masked_linear
-from .ops.masked_weight import DEFAULT_GUARD_RATIO, _grad_mode_id, masked_weight
+from .ops.masked_weight import DEFAULT_GUARD_RATIO, _grad_mode_id, guard_value, masked_weight
 from .sparse_exec import default_execution
 
 # Per-forward caches: dropped on device/dtype moves and on pickling/deepcopy, rebuilt by the next forward.
@@ -56,6 +56,15 @@ def stored_weight(module: nn.Module) -> Tensor:
     return module.weight
 
 
+def check_mode_flag(flag) -> bool:
+    """`flag` as a bool, if it is one. Only real booleans: bool("False") is True, and a config string
+    or None would otherwise switch the mode without a word."""
+    numpy_bool = type(flag).__module__ == "numpy" and type(flag).__name__ in ("bool", "bool_")
+    if not (isinstance(flag, bool) or numpy_bool):
+        raise TypeError(f"sparse must be True (sparse mode) or False (dense mode), got {flag!r}")
+    return bool(flag)
+
+
 class MaskedLayer:
     """Mixin with the pruning state and logic shared by the masked layers (not an nn.Module itself)."""
 
@@ -76,8 +85,6 @@ class MaskedLayer:
     def execution(self) -> str:
         mode = self.__dict__.get("_execution")
         if mode is None:
-            from .sparse_exec import default_execution
-
             return default_execution()
         return mode
 
@@ -119,7 +126,7 @@ class MaskedLayer:
 
     @sparse.setter
     def sparse(self, flag: bool) -> None:
-        self._sparse = bool(flag)
+        self._sparse = check_mode_flag(flag)
         # A mask from before a mode switch no longer describes the layer.
         self._last_masked = self.last_counts = self._mask_cache = self._last_bits = self._exec_record = None
 
@@ -242,8 +249,7 @@ class MaskedLayer:
         if not cpu_masked_linear.applies(x2, w2, threshold, bias):
             return None
         self._hook_stored_weight()
-        gm, guard = _grad_mode_id(self.grad_mode), self.guard_ratio
-        guard = -1.0 if guard is None else float(guard)
+        gm, guard = _grad_mode_id(self.grad_mode), guard_value(self.guard_ratio)
         return cpu_masked_linear.masked_linear_cpu(x2, w2, threshold, bias, gm, guard,
                                                    gemm=cpu_masked_linear.gemm_choice(x2, w2, threshold, bias, gm,
                                                                                       guard))

@@ -41,7 +41,8 @@ Executed FLOPs: the fused kernels add what they multiply into a per-layer int64 
 (`executed_flops(module)` reads them, one sync per device; `reset_executed_flops` zeroes them), and each
 fused forward records its live channel counts so that `rgkernels.count_flops` reports as `executed`
 what the kernels ran (2 * uses * live output channels * reduced input channels; the weight gradient over
-every output channel). Layers on the "masked_weight" path execute the dense figure.
+every output channel). Layers on the "masked_weight" path execute the dense figure, except where the CPU's
+one-node masked linear ran them (it records the rows it left out of its GEMMs the same way).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _backend
-from .ops.masked_weight import GRAD_MODES
+from .ops.masked_weight import GRAD_MODES, guard_value
 
 EXECUTION_MODES = ("auto", "masked_weight", "fused")
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -548,7 +549,7 @@ def _apply_fused(kind, x, weight, threshold, bias, grad_mode, guard_ratio, conv,
     if flops is None:
         flops = torch.zeros(3, dtype=torch.int64, device=x.device)
     info = {} if out_info is None else out_info
-    g = -1.0 if guard_ratio is None else float(guard_ratio)
+    g = guard_value(guard_ratio)
     gm = GRAD_MODES[grad_mode]
     if kind == "linear":
         lead = x.shape[:-1]

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import rgkernels
 from rggan_fast.training.controller import DENSE, SPARSE, NoRegrowth, RGController, weighted_average
 
 W = (0.1, 0.1, 0.2, 0.2, 0.4)
@@ -72,9 +73,6 @@ def test_state_dict_roundtrip():
 
 
 def test_apply_respects_pruned_and_ar_nets():
-    rgkernels = pytest.importorskip("rgkernels")
-    if not hasattr(rgkernels, "sparsify"):
-        pytest.skip("rgkernels.sparsify not available yet")
     g = rgkernels.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     d = rgkernels.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     c, _ = run([1, 2, 3, 4, 5])
@@ -86,9 +84,6 @@ def test_apply_respects_pruned_and_ar_nets():
 
 
 def test_no_regrowth_thresholds_never_fall():
-    rgkernels = pytest.importorskip("rgkernels")
-    if not hasattr(rgkernels, "sparsify"):
-        pytest.skip("rgkernels.sparsify not available yet")
     net = rgkernels.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)))
     opt = torch.optim.SGD(net.parameters(), lr=1.0)
     NoRegrowth(net, opt)

@@ -267,3 +267,67 @@ def test_threshold_regularizer_value_and_gradient():
     rgkernels.set_sparse(model, False)
     zero = rgkernels.threshold_regularizer(model, lam)
     assert zero.item() == 0.0 and not zero.requires_grad
+
+
+# ---- bad input: clear errors that name the problem --------------------------------------------
+
+@pytest.mark.parametrize("fn", [rgkernels.sparsify, rgkernels.keep_ratio, rgkernels.layer_stats,
+                                rgkernels.stats_state, lambda m: rgkernels.set_sparse(m, True),
+                                lambda m: rgkernels.load_stats_state(m, {}),
+                                lambda m: rgkernels.threshold_regularizer(m, 1.0),
+                                lambda m: rgkernels.count_flops(m, torch.randn(2, 3))])
+@pytest.mark.parametrize("bad", ["model.pt", None])
+def test_module_functions_reject_non_modules(fn, bad):
+    with pytest.raises(TypeError, match="nn.Module"):
+        fn(bad)
+
+
+def test_count_flops_without_inputs_says_so():
+    with pytest.raises(TypeError, match="example_inputs"):
+        rgkernels.count_flops(rgkernels.sparsify(nn.Linear(3, 2)))
+
+
+@pytest.mark.parametrize("flag", ["False", None, 0, 1.0])
+def test_mode_flag_must_be_a_bool(flag):
+    """bool("False") is True: a string or None from a config must not switch the mode silently."""
+    m = rgkernels.sparsify(nn.Sequential(nn.Linear(3, 2)))
+    with pytest.raises(TypeError, match="sparse must be True"):
+        rgkernels.set_sparse(m, flag)
+    with pytest.raises(TypeError, match="sparse must be True"):
+        m[0].sparse = flag
+    assert m[0].sparse is True  # unchanged
+    import numpy as np
+
+    rgkernels.set_sparse(m, np.bool_(False))
+    assert m[0].sparse is False
+
+
+@pytest.mark.parametrize("ratio", [1, 1.5, -0.01, float("nan")])
+def test_guard_ratio_out_of_range_is_an_error(ratio):
+    """guard_ratio=1 (meant as 1%) would reset every threshold in every call: never silently."""
+    w, t = torch.randn(4, 3), torch.full((4,), 0.5)
+    with pytest.raises(ValueError, match="guard_ratio"):
+        rgkernels.masked_weight(w, t, guard_ratio=ratio)
+    with pytest.raises(ValueError, match="guard_ratio"):
+        rgkernels.masked_weight_grouped([w], [t], guard_ratio=ratio)
+    lin = rgkernels.sparsify(nn.Linear(3, 4))
+    lin.guard_ratio = ratio
+    with pytest.raises(ValueError, match="guard_ratio"):
+        lin(torch.randn(2, 3))
+    assert torch.equal(t, torch.full((4,), 0.5))  # nothing reset
+
+
+def test_load_stats_state_rejects_a_mask_of_another_shape():
+    lin = rgkernels.sparsify(nn.Linear(6, 4))
+    lin(torch.randn(2, 6))
+    rgkernels.layer_stats(lin)
+    with pytest.raises(ValueError, match="shape"):
+        rgkernels.load_stats_state(lin, {"": torch.ones(4, 1, dtype=torch.bool)})  # would broadcast
+
+
+def test_fused_inside_grouped_masks_warns():
+    lin = rgkernels.sparsify(nn.Sequential(nn.Linear(3, 4)))
+    lin[0].execution = "fused"
+    with pytest.warns(rgkernels.RGKernelsWarning, match="grouped_masks"):
+        with rgkernels.grouped_masks(lin):
+            lin(torch.randn(2, 3))

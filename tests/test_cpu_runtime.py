@@ -13,7 +13,14 @@ from rgkernels import _backend
 
 from conftest import cpu_gemm, cpu_gemms
 
-pytestmark = pytest.mark.skipif(_backend.extension() is None, reason="compiled extension unavailable")
+
+
+@pytest.fixture(autouse=True)
+def _needs_extension():
+    """The compiled kernels must be built wherever the tests run: their absence fails, never skips."""
+    if _backend.extension() is None:
+        pytest.fail("the compiled extension rgkernels._C is not built or does not load (pip install -e .; "
+                    "python -m rgkernels.info says why)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -6,15 +6,12 @@ import os
 import pytest
 import torch
 
-rgkernels = pytest.importorskip("rgkernels")
-if not all(hasattr(rgkernels, n) for n in ("sparsify", "protect_pruned", "threshold_regularizer", "count_flops")):
-    pytest.skip("the rgkernels layer API is not available yet", allow_module_level=True)
-
-from rggan_fast import train as cli  # noqa: E402
-from rggan_fast.config import resolve_config  # noqa: E402
-from rggan_fast.metrics import inception  # noqa: E402
-from rggan_fast.training.controller import DENSE  # noqa: E402
-from rggan_fast.training.loop import TrainingInterrupted, TrainingRun, read_jsonl  # noqa: E402
+import rgkernels
+from rggan_fast import train as cli
+from rggan_fast.config import resolve_config
+from rggan_fast.metrics import inception
+from rggan_fast.training.controller import DENSE
+from rggan_fast.training.loop import TrainingInterrupted, TrainingRun, read_jsonl
 
 FAST = dict(metric="proxy", tensorboard=False, progress=False)
 

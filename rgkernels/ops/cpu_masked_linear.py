@@ -12,8 +12,10 @@ Against the composition of two autograd nodes this saves the weight-sized round 
 and one node's Python overhead, which on layers with little work per weight (linear layers at GAN
 batch sizes) is most of the cost of sparse mode. Both hand the layer the mask bit-packed.
 
-Reference: the composition itself (`masked_weight` on the reference backend, then F.linear), which
-the masked layers run wherever this path does not apply (`applies` says when it does).
+Reference: the composition itself (`masked_weight`, then F.linear), which the masked layers run
+wherever this path does not apply (`applies` says when it does), on the backend `masked_weight`
+picks (the compiled CPU kernels when built, else the PyTorch reference); the tests compare the
+node with it on the reference backend.
 
 GEMMs: float32 layers can run them on oneDNN's micro-kernel blocks or on ATen's (MKL / oneDNN)
 GEMMs, and which is faster depends on the CPU and the shape (BENCHMARKS.md). `gemm_choice` times
@@ -113,9 +115,8 @@ def _cpp_node():
     ext = _backend.extension()
     if ext is None or not hasattr(ext, "masked_linear_cpu"):
         return None
-    if not _cpp_ready:
-        ext._set_double_backward(differentiable_grads)
-        _cpp_ready = True
+    ext._set_double_backward(differentiable_grads)
+    _cpp_ready = True
     return ext.masked_linear_cpu
 
 

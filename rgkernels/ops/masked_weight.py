@@ -35,6 +35,20 @@ def _ops(backend: str):
             ns.ref_masked_weight_grouped_fwd, ns.ref_masked_weight_grouped_bwd)
 
 
+def guard_value(guard_ratio: Optional[float]) -> float:
+    """The ops' encoding of the collapse guard: -1 for None (off), else the keep ratio, in [0, 1).
+
+    Checked because a value out of range fails silently: 1 (meant as 1%) or more resets every
+    threshold on every call, so nothing is ever pruned; a negative one or NaN turns the guard off."""
+    if guard_ratio is None:
+        return -1.0
+    g = float(guard_ratio)
+    if not 0.0 <= g < 1.0:  # NaN fails this too
+        raise ValueError(f"guard_ratio must be None (no guard) or a keep ratio in [0, 1), such as 0.01; "
+                         f"got {guard_ratio!r}")
+    return g
+
+
 def _grad_mode_id(grad_mode: str) -> int:
     try:
         return GRAD_MODES[grad_mode]
@@ -135,7 +149,7 @@ def masked_weight(
     """
     _check(weight, threshold)
     gm = _grad_mode_id(grad_mode)
-    g = -1.0 if guard_ratio is None else float(guard_ratio)
+    g = guard_value(guard_ratio)
     name = _resolve(weight, threshold, backend)
     out, counts = _MaskedWeightFn.apply(weight, threshold, gm, g, name)
     return (out, counts) if return_counts else out
@@ -189,7 +203,7 @@ def masked_weight_grouped(
         if w.device != weights[0].device:
             raise ValueError(f"masked_weight_grouped: layer {i} is on {w.device}, layer 0 on {weights[0].device}")
     gm = _grad_mode_id(grad_mode)
-    g = -1.0 if guard_ratio is None else float(guard_ratio)
+    g = guard_value(guard_ratio)
     # One launch per dtype (the kernels write one flat buffer per call); usually a single group.
     groups = {}
     for i, w in enumerate(weights):

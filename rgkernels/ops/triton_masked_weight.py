@@ -61,7 +61,6 @@ first runs, and this module imports without Triton (`available()` says why it ca
 from __future__ import annotations
 
 import math
-import os
 import threading
 from contextlib import contextmanager
 from functools import lru_cache
@@ -71,17 +70,10 @@ import torch
 from torch import Tensor
 
 from . import reference as _ref
-from ._triton_util import device_ctx
-
-try:  # keep the module importable without Triton
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Optional[str] = None
-except Exception as _e:  # ImportError, or a broken install
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
+from ._triton_util import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
+from ._triton_util import LazyKernels, device_ctx, env_interpret
+from ._triton_util import np2 as _np2
+from ._triton_util import tl, triton  # None without Triton: the module stays importable
 
 __all__ = [
     "available",
@@ -316,30 +308,16 @@ if triton is not None:
 
 _JIT_NAMES = ("_fwd_rows", "_fwd_block", "_bwd_rows", "_layer_of_program",
               "_k_fwd", "_k_bwd", "_k_grouped_fwd", "_k_grouped_bwd")
-_BUILD_LOCK = threading.Lock()
-_BUILT_MODE: Optional[bool] = None  # None: not built yet; else True if built for the interpreter
-
-
-def _env_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+_KERNELS = LazyKernels(globals(), _JIT_NAMES, {"_k_fwd": {"do_not_specialize": ["kmax"]}})
 
 
 def _build_kernels() -> bool:
     """triton.jit every kernel once (reading TRITON_INTERPRET now); returns the interpreter flag."""
-    global _BUILT_MODE
-    if _BUILT_MODE is None:
-        with _BUILD_LOCK:
-            if _BUILT_MODE is None:
-                g = globals()
-                for name in _JIT_NAMES:
-                    kw = {"do_not_specialize": ["kmax"]} if name == "_k_fwd" else {}
-                    g[name] = triton.jit(g[name], **kw)
-                _BUILT_MODE = type(g["_k_fwd"]).__name__ == "InterpretedFunction"
-    return _BUILT_MODE
+    return _KERNELS.build()
 
 
 def _interpreting() -> bool:
-    return _BUILT_MODE if _BUILT_MODE is not None else _env_interpret()
+    return _KERNELS.interpreting()
 
 
 def available() -> Tuple[bool, str]:
@@ -351,7 +329,7 @@ def available() -> Tuple[bool, str]:
                       "tensors (slow; meant for tests)")
     if torch.cuda.is_available():
         return True, f"Triton {triton.__version__} on CUDA device {torch.cuda.get_device_name()}"
-    if _BUILT_MODE is False and _env_interpret():
+    if _KERNELS.interpreted is False and env_interpret():
         return False, ("the kernels were built for a GPU (TRITON_INTERPRET was set after their "
                        "first use) and there is no CUDA device")
     return False, ("no CUDA device, and TRITON_INTERPRET=1 is not set (set it before the first "
@@ -437,10 +415,6 @@ def _collapse_limit(guard_ratio: float, numel: int) -> int:
     while k >= 0 and k / numel > r:
         k -= 1
     return k
-
-
-def _np2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 # Block sizes. A program handles BLOCK_C rows of one layer and walks K in BLOCK_K steps over a
