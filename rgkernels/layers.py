@@ -1,7 +1,9 @@
 """Masked nn layers: Linear / Conv2d / ConvTranspose2d that compute with W * S(|W| - t) (DESIGN.md §1-2).
 
 Each layer is a subclass of its nn layer plus `MaskedLayer`, which holds the pruning state:
-    .threshold    nn.Parameter, float32 [out_channels], zeros at creation
+    .threshold    nn.Parameter, float32 [out_channels], zeros at creation; `.half()` / `.bfloat16()`
+                  keep it float32, `.double()` makes it float64 (exact float64 semantics, on the
+                  reference backend with a warning: the fast kernels take float32 thresholds)
     .sparse       True = sparse mode (W_hat = W * M); False = dense mode, exactly the nn layer
     .grad_mode    "dst" (default) or "masked", see rgkernels.masked_weight
     .guard_ratio  collapse-guard keep ratio (None disables the guard)
