@@ -328,6 +328,38 @@ def test_opcheck_linear():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.triton_mask_stats, (w, t.clone(), None, 0.01),
                           test_utils=("test_schema", "test_faketensor"))
+    dy = torch.randn(5, 9, device=DEV)
+    torch.library.opcheck(ops.triton_masked_linear_dgrad, (dy, w, t, perm, nlive, None, None, flops),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.triton_masked_linear_wgrad, (dy, x, w, t, None, None, 0, flops),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_opcheck_conv(transposed):
+    """The conv ops' fake implementations give the real ops' output shapes and dtypes (torch.compile)."""
+    co, ci, kh, kw, h, wd = 5, 3, 3, 2, 6, 5
+    stride, padding, dilation, out_pad = [2, 1], [1, 0], [1, 2], [1, 0]
+    w, t = _layer(co, ci * kh * kw, dead=[1])
+    w = w.view(co, ci, kh, kw)
+    if transposed:  # the [Co, Ci, KH, KW] row view of a [Ci, Co, KH, KW] parameter, as the layers pass it
+        w = w.transpose(0, 1).contiguous().transpose(0, 1)
+    b = torch.randn(co, device=DEV)
+    x = torch.randn(2, ci, h, wd, device=DEV)
+    counts, bits, perm, zperm, nlive = _stats(w.flatten(2) if transposed else w.reshape(co, -1), t, b)
+    flops = torch.zeros(3, dtype=torch.int64, device=DEV)
+    geo = [stride, padding, dilation, transposed]
+    if not transposed:
+        out_pad = [0, 0]
+    y = ops.triton_masked_conv_fwd(x, w, t, b, perm, nlive, None, None, flops, *geo, out_pad)
+    dy = torch.randn_like(y)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.triton_masked_conv_fwd, (x, w, t, b, perm, nlive, None, None, flops, *geo, out_pad),
+                          test_utils=utils)
+    torch.library.opcheck(ops.triton_masked_conv_dgrad, (dy, w, t, perm, nlive, None, None, flops, [h, wd], *geo),
+                          test_utils=utils)
+    torch.library.opcheck(ops.triton_masked_conv_wgrad, (dy, x, w, t, None, None, 0, flops, *geo),
+                          test_utils=utils)
 
 
 def test_bad_inputs():
