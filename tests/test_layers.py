@@ -124,6 +124,54 @@ def test_conv_sparse_equals_composition(kw):
     _check_sparse(m, torch.randn(2, kw["in_channels"], 9, 8), lambda x, w, b: m._conv_forward(x, w, b))
 
 
+def _strided_input(shape, layout, dtype):
+    """(leaf, input): the input in `layout` (contiguous, channels_last, or a strided slice of a wider
+    tensor), a view of the leaf whose .grad the checks read."""
+    n, c, h, w = shape
+    if layout == "sliced":
+        leaf = torch.randn(n, c, h, 2 * w + 1, dtype=torch.float64).to(dtype).requires_grad_()
+        return leaf, leaf[..., 1::2]
+    leaf = torch.randn(shape, dtype=torch.float64).to(dtype)
+    if layout == "channels_last":
+        leaf = leaf.contiguous(memory_format=torch.channels_last)
+    leaf.requires_grad_()
+    return leaf, leaf
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_conv_sparse_any_dtype_and_input_strides(transposed, dtype, layout):
+    """The default sparse path of both conv layers in low precision and on non-contiguous inputs,
+    against the reference composition on a contiguous copy: the same masked weight (exact), outputs
+    and every gradient within the dtype's tolerance."""
+    kw = dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1)
+    m = (rgkernels.MaskedConvTranspose2d if transposed else rgkernels.MaskedConv2d)(**kw).to(dtype)
+    _random_thresholds(m)
+    fn = F.conv_transpose2d if transposed else F.conv2d
+    leaf, x = _strided_input((2, 4, 7, 6), layout, dtype)
+    assert layout == "contiguous" or not x.is_contiguous()
+    y = m(x)
+    w = m.weight.detach().clone().requires_grad_()
+    t = m.threshold.detach().clone().requires_grad_()
+    b = m.bias.detach().clone().requires_grad_()
+    xr = x.detach().contiguous().requires_grad_()
+    rows = (lambda v: v.transpose(0, 1)) if transposed else (lambda v: v)
+    w_hat = rows(rgkernels.masked_weight(rows(w), t, m.grad_mode, backend="reference"))
+    y_ref = fn(xr, w_hat, b, stride=2, padding=1)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    y.backward(g)
+    y_ref.backward(g)
+    grad_x = leaf.grad[..., 1::2] if layout == "sliced" else leaf.grad
+    torch.testing.assert_close(grad_x, xr.grad)
+    torch.testing.assert_close(m.weight.grad, w.grad)
+    torch.testing.assert_close(m.bias.grad, b.grad)
+    assert m.threshold.dtype == torch.float32
+    torch.testing.assert_close(m.threshold.grad, t.grad)
+    assert m.threshold.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("kw", TCONV_CASES)
 def test_conv_transpose_sparse_equals_composition(kw):
     m = rgkernels.MaskedConvTranspose2d(**kw)
