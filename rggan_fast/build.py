@@ -18,9 +18,22 @@ from .training.loss import GANLoss
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N -> a device that exists here; ValueError naming --device otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available here (torch.cuda.is_available() "
+                             "is False); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: unsupported device type; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def build_data(cfg: TrainConfig, progress: Callable = lambda it, **kw: it) -> TrainingData:
@@ -91,7 +104,8 @@ def install_rg_hooks(cfg: TrainConfig, nets: Dict[str, torch.nn.Module], opts) -
 
 def build_loss(cfg: TrainConfig, G, D) -> GANLoss:
     pruned = cfg.nets("prune")
-    return GANLoss(G, D, DiffAugment(cfg.diffaug), kind=cfg.loss, lam=cfg.lam,
+    augment = DiffAugment(cfg.diffaug, translation_ratio=cfg.diffaug_translation, cutout_ratio=cfg.diffaug_cutout)
+    return GANLoss(G, D, augment, kind=cfg.loss, lam=cfg.lam,
                    regularise_G="G" in pruned, regularise_D="D" in pruned)
 
 

@@ -2,8 +2,8 @@
 
     python -m rggan_fast.demo [--outdir runs] [any other train option]
 
-About 10 minutes on a 2-core CPU (see presets.NAMED_PRESETS['demo']); prints the FID at each
-evaluation (a small-sample FID, labelled with its sample counts) and a summary at the end.
+About 6 minutes on a quiet 2-core CPU (measured; see presets.NAMED_PRESETS['demo']); prints the
+FID at each evaluation (a small-sample FID, labelled with its sample counts) and a summary at the end.
 Same as `python -m rggan_fast.train sngan --preset demo`.
 """
 import sys

@@ -1,12 +1,14 @@
 """DiffAugment (Zhao et al. 2020): differentiable augmentations applied to every image D sees.
 
 Policy: comma-separated list of `color`, `translation`, `cutout` (or '' / 'none' for no
-augmentation). Each call draws fresh random parameters per image from torch's global RNG, so the
-same policy is applied independently to reals and fakes, and a resumed run (which restores the
-RNG) draws the same augmentations as an uninterrupted one.
+augmentation). The translation and cutout strengths are configuration fields (diffaug_translation,
+diffaug_cutout; DiffAugment's 0.125 and 0.5 by default). Each call draws fresh random parameters
+per image from torch's global RNG, so the same policy is applied independently to reals and fakes,
+and a resumed run (which restores the RNG) draws the same augmentations as an uninterrupted one.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, List
 
 import torch
@@ -77,17 +79,22 @@ def parse_policy(policy: str) -> List[str]:
 
 
 class DiffAugment:
-    def __init__(self, policy: str = "color,translation,cutout"):
+    def __init__(self, policy: str = "color,translation,cutout", translation_ratio: float = 0.125,
+                 cutout_ratio: float = 0.5):
         self.names = parse_policy(policy)
         self.policy = ",".join(self.names)
+        self.translation_ratio, self.cutout_ratio = float(translation_ratio), float(cutout_ratio)
+        ratios = {translation: self.translation_ratio, cutout: self.cutout_ratio}
+        # each augmentation with its strength bound (colour ones take none)
+        self._fns = [functools.partial(fn, ratio=ratios[fn]) if fn in ratios else fn
+                     for name in self.names for fn in AUGMENTS[name]]
 
     def __bool__(self) -> bool:
         return bool(self.names)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self.names:
-            for fn in AUGMENTS[name]:
-                x = fn(x)
+        for fn in self._fns:
+            x = fn(x)
         return x.contiguous()
 
     def __repr__(self) -> str:

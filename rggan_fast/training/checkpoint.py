@@ -19,6 +19,10 @@ CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 
+class CheckpointError(ValueError):
+    """checkpoint.pt cannot be used (damaged, not a checkpoint, another format); names the file."""
+
+
 def rng_state() -> Dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -58,9 +62,15 @@ def load(run_dir: str, map_location="cpu") -> Dict[str, Any]:
     path = os.path.join(run_dir, CHECKPOINT)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {path})")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises many types for damaged files (RuntimeError, ValueError, EOFError, ...)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot be read, the file is damaged or not a checkpoint ({reason})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a rggan_fast checkpoint (holds a {type(state).__name__})")
     if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')} is not {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: checkpoint format {state.get('format')} is not {FORMAT_VERSION}")
     return state
 
 

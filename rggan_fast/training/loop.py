@@ -10,14 +10,17 @@ a sample grid is written and the checkpoint is replaced atomically.
 
 Run directory:
     config.json        resolved configuration (what --resume reads back)
+    train.lock         present while a process trains in the directory (rggan_fast/training/rundir.py)
     metrics.jsonl      one row per evaluation (see `_evaluate` for the fields)
     stats.jsonl        losses every cfg.log_every iterations
-    checkpoint.pt      everything needed to continue exactly (rggan_fast/training/checkpoint.py)
+    checkpoint.pt      everything needed to continue exactly (rggan_fast/training/checkpoint.py); it
+                       records how many rows each .jsonl log had, and a resume cuts the logs back to
+                       that, so rows written after the last checkpoint (a hard kill) are not doubled
     reals.png, samples-<step>.png    image grids (real images, G_ema samples at each evaluation)
     summary.json       written when the budget is reached
     G_ema.safetensors  final EMA generator weights and thresholds
     metrics.png        FID, keep ratios and FLOPs against kimg (rggan_fast/plot.py)
-    events.out.tfevents.*            TensorBoard scalars
+    events.out.tfevents.*            TensorBoard scalars (a resume purges the steps after the checkpoint)
 """
 from __future__ import annotations
 
@@ -37,13 +40,28 @@ from ..config import TrainConfig
 from . import checkpoint
 from .accounting import FlopAccountant
 from .controller import SPARSE
+from .rundir import append_jsonl, count_rows, read_jsonl, truncate_jsonl
+
+LOGS = ("metrics.jsonl", "stats.jsonl")
+
+
+def stopped_message(run_dir: str) -> str:
+    """What a stop leaves behind, from what is on disk: a checkpoint to continue from, or only the
+    saved configuration (stopped before the first checkpoint)."""
+    if checkpoint.exists(run_dir):
+        return f"the checkpoint in {run_dir} is intact; continue with --resume {run_dir}"
+    return (f"stopped before the first checkpoint, nothing was trained; --resume {run_dir} starts the run "
+            "from the beginning with its saved configuration")
 
 
 class TrainingInterrupted(Exception):
-    """Raised after a requested stop (Ctrl-C, SIGTERM) once the checkpoint is written."""
+    """Raised after a requested stop (Ctrl-C, SIGTERM): with the checkpoint written when training had
+    started, else before anything was trained."""
 
-    def __init__(self, run_dir: str, step: int):
-        super().__init__(f"interrupted at step {step}; checkpoint written; continue with --resume {run_dir}")
+    def __init__(self, run_dir: str, step: Optional[int], checkpoint_written: bool = True):
+        what = (f"interrupted at step {step}; checkpoint written" if checkpoint_written
+                else "interrupted while the run was being set up")
+        super().__init__(f"{what}; {stopped_message(run_dir)}")
         self.run_dir, self.step = run_dir, step
 
 
@@ -51,19 +69,10 @@ KERNEL_DECISIONS = "kernel_decisions.json"  # rgkernels.sparse_exec's decision c
 
 
 class StopFlag:
-    """Set by a signal handler (see train.py); checked by the loop between iterations."""
+    """Set by a signal handler (see train.py); checked while the run is built and between iterations."""
 
     def __init__(self):
         self.requested = False
-
-    def __call__(self, *_):
-        self.requested = True
-
-
-def _jsonl(path: str, row: Dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
 
 
 def save_grid(images: torch.Tensor, path: str) -> None:
@@ -94,11 +103,23 @@ class TrainingRun:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         progress = self._progress_fn()
+        if not resume and checkpoint.exists(run_dir):  # never train over another run's state
+            raise ValueError(f"{run_dir} already holds a run ({checkpoint.CHECKPOINT}); resume it or use "
+                             "another directory")
+        # resume=True on a directory without a checkpoint (stopped before its first one): a fresh start
+        self.resumed = resume and checkpoint.exists(run_dir)
+        self._restarted = False  # a fresh start that found log rows of an earlier attempt
+        if resume and not self.resumed:
+            log(f"{run_dir} has no checkpoint (it stopped before the first one): starting the run from the "
+                "beginning with its saved configuration")
 
         # Data and metric first: a broken data set or a missing Inception stops the run before
-        # anything is written or trained.
+        # anything is trained. Both can take long (reference features): a stop asked for meanwhile
+        # is honoured before going on.
         self.data = build.build_data(cfg, progress)
+        self._stop_if_requested()
         self.evaluator = build.build_evaluator(cfg, self.data, self.device, log, progress)
+        self._stop_if_requested()
 
         self.G, self.D, self.G_ema = build.build_networks(cfg, self.device)
         self.nets = {"G": self.G, "D": self.D}
@@ -113,18 +134,19 @@ class TrainingRun:
         self.counters = {"step": 0, "real_images": 0, "time_s": 0.0, "train_time_s": 0.0, "eval_time_s": 0.0,
                          "evaluations": 0}
         self.last_scores: Dict[str, float] = {}
+        # The loop's schedule (next evaluation / checkpoint, whether the start was evaluated): from the
+        # checkpoint when resuming, else set up by train().
+        self._next: Optional[Dict] = None
+        self._t_start = time.time()
         g = torch.Generator().manual_seed(cfg.seed + 1)
         self.grid_z = torch.randn(cfg.grid, cfg.z_dim, generator=g).to(self.device)
 
-        if resume:
+        if self.resumed:
             self._load()
         else:
-            os.makedirs(run_dir, exist_ok=True)
-            cfg.save(os.path.join(run_dir, "config.json"))
-            torch.manual_seed(cfg.seed)
-            np.random.seed(cfg.seed % (2 ** 32))
-            random.seed(cfg.seed)
-            save_grid(self.data.train.images[:cfg.grid].float() / 127.5 - 1, os.path.join(run_dir, "reals.png"))
+            self._start_fresh(restart=resume)
+        # Written only now: a resume whose checkpoint fails to load leaves config.json as it was.
+        cfg.save(os.path.join(run_dir, "config.json"))
         # Kernel-path decisions (the CPU GEMM per layer shape, "auto" execution on a GPU) are measured
         # once and kept with the run, so that a resumed run computes on the paths the original chose.
         if not os.environ.get("RGKERNELS_EXEC_CACHE"):
@@ -150,7 +172,31 @@ class TrainingRun:
         except Exception as e:  # tensorboard not installed: metrics.jsonl still has everything
             self.log(f"TensorBoard disabled ({type(e).__name__}: {e})")
             return None
-        return SummaryWriter(self.run_dir)
+        # A resume purges what the previous process logged after its checkpoint (a hard kill), so that
+        # TensorBoard shows no steps twice (its global step is real_images).
+        purge = None
+        if self.resumed:
+            purge = self.counters["real_images"] + (1 if self._next["started"] else 0)
+        elif self._restarted:
+            purge = 0
+        return SummaryWriter(self.run_dir, purge_step=purge)
+
+    def _stop_if_requested(self) -> None:
+        """A stop while the run is built: nothing new was trained, any checkpoint stays as it was."""
+        if self.stop_flag.requested:
+            raise TrainingInterrupted(self.run_dir, None, checkpoint_written=False)
+
+    def _start_fresh(self, restart: bool) -> None:
+        """Seeds and the grid of real images; restart: a run that stopped before its first checkpoint
+        starts again, without the log rows of its earlier attempt."""
+        c, run_dir = self.cfg, self.run_dir
+        os.makedirs(run_dir, exist_ok=True)
+        if restart:
+            self._restarted = sum(truncate_jsonl(os.path.join(run_dir, name), 0) for name in LOGS) > 0
+        torch.manual_seed(c.seed)
+        np.random.seed(c.seed % (2 ** 32))
+        random.seed(c.seed)
+        save_grid(self.data.train.images[:c.grid].float() / 127.5 - 1, os.path.join(run_dir, "reals.png"))
 
     def _masks(self, net: torch.nn.Module):
         """One grouped masked-weight launch for a whole pruned net (rgkernels.grouped_masks), on the
@@ -212,7 +258,7 @@ class TrainingRun:
     def _update_ema(self) -> None:
         beta, t = self.cfg.ema_beta, self.counters["step"]
         if self.cfg.ema_warmup:
-            beta = min(beta, (1.0 + t) / (10.0 + t))
+            beta = min(beta, (1.0 + t) / (self.cfg.ema_warmup_steps + t))
         w = 1.0 - beta
         for pe, p in zip(self.G_ema.parameters(), self.G.parameters()):
             pe.lerp_(p, w)
@@ -231,7 +277,11 @@ class TrainingRun:
         keep = self._keep_ratios()
         layers = {f"layers_{n}": rgkernels.layer_stats(self.nets[n]) for n in self.pruned}
         mode = self.controller.mode
-        next_mode = self.controller.update(scores[self.evaluator.primary])
+        # A score from another sample count is not comparable with the AR history (FID is biased by
+        # the sample count): a final evaluation with its own count decides nothing, and if the run is
+        # extended later the history goes on without it.
+        ar_input = num == c.fid_samples
+        next_mode = self.controller.update(scores[self.evaluator.primary]) if ar_input else mode
         if next_mode != mode:
             self.controller.apply({"G": [self.G, self.G_ema], "D": self.D}, self.pruned, self.ar_nets)
         eval_s = time.time() - t0
@@ -248,7 +298,7 @@ class TrainingRun:
             "metric": self.evaluator.label, "fid_samples": num, "fid_ref_images": int(self.evaluator.ref_feats.shape[0]),
             "fid_ref_split": self.data.ref_split,
             "mode": mode if self.pruned else "dense", "next_mode": next_mode if self.pruned else "dense",
-            "ar_avg": self.controller.log[-1]["avg"],
+            "ar_input": ar_input, "ar_avg": self.controller.log[-1]["avg"] if ar_input else None,
             "keep_ratio_G": keep["G"], "keep_ratio_D": keep["D"], "keep_ratio_G_ema": keep["G_ema"],
             "flops_dense": self.flops.total["dense"], "flops_active": self.flops.total["active"],
             "flops_executed": self.flops.total["executed"],
@@ -256,7 +306,7 @@ class TrainingRun:
             "flops_per_iter_executed": self.flops.rate["executed"],
             "final": final, **layers,
         }
-        _jsonl(os.path.join(self.run_dir, "metrics.jsonl"), row)
+        append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), row)
         if self.writer is not None:
             s = ctr["real_images"]
             for k in ("fid", "kid", "proxy_fid", "proxy_kid", "keep_ratio_G", "keep_ratio_D", "flops_dense",
@@ -286,15 +336,27 @@ class TrainingRun:
             "controller": self.controller.state_dict(), "stream": self.stream.state_dict(),
             "flops": self.flops.state_dict(), "counters": counters, "next": dict(self._next),
             "last_scores": self.last_scores, "rng": checkpoint.rng_state(), "config": self.cfg.to_dict(),
+            # rows the logs have now: a resume from this checkpoint drops any written after it
+            "log_rows": {name: count_rows(os.path.join(self.run_dir, name)) for name in LOGS},
             # layer_stats' previous masks: regeneration counts continue across a resume
             "stats_masks": {n: rgkernels.stats_state(net) for n, net in self.nets.items()},
         }
         return checkpoint.save(self.run_dir, state)
 
     def _load(self) -> None:
+        s = checkpoint.load(self.run_dir, map_location="cpu")  # load_state_dict moves tensors
+        try:
+            self._restore(s)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            path = os.path.join(self.run_dir, checkpoint.CHECKPOINT)
+            what = f"missing entry {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            raise checkpoint.CheckpointError(f"{path}: does not fit this run's configuration or is incomplete "
+                                             f"({type(e).__name__}: {what})") from None
+        self._trim_logs(s)
+
+    def _restore(self, s: Dict) -> None:
         import rgkernels
 
-        s = checkpoint.load(self.run_dir, map_location="cpu")  # load_state_dict moves tensors
         self.G.load_state_dict(s["G"])
         self.D.load_state_dict(s["D"])
         self.G_ema.load_state_dict(s["G_ema"])
@@ -307,9 +369,20 @@ class TrainingRun:
         for n, masks in s.get("stats_masks", {}).items():
             rgkernels.load_stats_state(self.nets[n], masks)
         self.counters.update(s["counters"])
-        self._resume_next = s["next"]
+        self._next = dict(s["next"])
         self.last_scores = s.get("last_scores", {})
         checkpoint.set_rng_state(s["rng"])
+
+    def _trim_logs(self, s: Dict) -> None:
+        """Drop log rows written after the checkpoint (the process was killed before the next one), so
+        that the resumed run writes each step once. Checkpoints without row counts: by step."""
+        counts = s.get("log_rows")
+        for name in LOGS:
+            path = os.path.join(self.run_dir, name)
+            keep = counts[name] if counts else sum(r["step"] <= self.counters["step"] for r in read_jsonl(path))
+            dropped = truncate_jsonl(path, keep)
+            if dropped:
+                self.log(f"{name}: dropped {dropped} row(s) written after the checkpoint")
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -319,15 +392,12 @@ class TrainingRun:
         total = int(round(c.kimg * 1000))
         eval_every = max(1, int(round(c.eval_kimg * 1000)))
         ckpt_every = int(round(c.ckpt_kimg * 1000)) or None
-        self._next = getattr(self, "_resume_next", None) or {
-            "eval": eval_every, "ckpt": ckpt_every or 0, "started": False}
+        if self._next is None:  # a new run (a resume has the checkpoint's)
+            self._next = {"eval": eval_every, "ckpt": ckpt_every or 0, "started": False}
         bar = self._bar(total)
         try:
             if not self._next["started"]:
-                self._next["started"] = True
-                if c.eval_at_start:
-                    self._show(bar, self._evaluate())
-                self.save_checkpoint()
+                self._start(bar)
             while ctr["real_images"] < total:
                 if self.stop_flag.requested:
                     self.save_checkpoint()
@@ -357,6 +427,18 @@ class TrainingRun:
             if self.writer is not None:
                 self.writer.close()
         return self._finish()
+
+    def _start(self, bar) -> None:
+        """The initial evaluation and the first checkpoint. A stop asked for before the evaluation (which
+        can take minutes) writes a checkpoint of the untrained state first, so that the run can be
+        resumed; one asked for during it is honoured by the loop right after."""
+        if self.stop_flag.requested:
+            self.save_checkpoint()
+            raise TrainingInterrupted(self.run_dir, self.counters["step"])
+        self._next["started"] = True
+        if self.cfg.eval_at_start:
+            self._show(bar, self._evaluate())
+        self.save_checkpoint()
 
     def _bar(self, total: int):
         if not self.cfg.progress:
@@ -392,7 +474,7 @@ class TrainingRun:
                **{k: float(v) for k, v in stats.items()},
                "mode": self.controller.mode if self.pruned else "dense",
                "keep_ratio_G": keep["G"], "keep_ratio_D": keep["D"]}
-        _jsonl(os.path.join(self.run_dir, "stats.jsonl"), row)
+        append_jsonl(os.path.join(self.run_dir, "stats.jsonl"), row)
         if self.writer is not None:
             for k, v in row.items():
                 if k not in ("step", "real_images", "mode", "time_s"):
@@ -403,14 +485,12 @@ class TrainingRun:
     def _finish(self) -> Dict:
         ctr = self.counters
         rows = read_jsonl(os.path.join(self.run_dir, "metrics.jsonl"))
-        name = self.evaluator.primary
         summary = {
             "run_dir": self.run_dir, "steps": ctr["step"], "real_images": ctr["real_images"],
             "time_s": round(self._elapsed(), 1), "train_time_s": round(ctr["train_time_s"], 1),
-            "eval_time_s": round(ctr["eval_time_s"], 1), "metric": self.evaluator.label, "score_name": name,
-            "first": rows[0].get(name) if rows else None, "last": rows[-1].get(name) if rows else None,
-            "best": min((r[name] for r in rows if r.get(name) is not None), default=None),
-            "fid_samples": rows[-1]["fid_samples"] if rows else None,
+            "eval_time_s": round(ctr["eval_time_s"], 1), "metric": self.evaluator.label,
+            "score_name": self.evaluator.primary,
+            **score_summary(rows, self.evaluator.primary, self.cfg.fid_samples),
             "fid_ref_images": rows[-1]["fid_ref_images"] if rows else None,
             "keep_ratio_G": rows[-1]["keep_ratio_G"] if rows else None,
             "keep_ratio_D": rows[-1]["keep_ratio_D"] if rows else None,
@@ -437,8 +517,15 @@ class TrainingRun:
         return summary
 
 
-def read_jsonl(path: str) -> List[Dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def score_summary(rows: List[Dict], name: str, fid_samples: int) -> Dict:
+    """First, last and best score of a run, each with the sample count it was measured with. "best" is
+    over the evaluations during training (fid_samples each): a final evaluation with another count is
+    not comparable with them (FID falls with more samples)."""
+    comparable = [r for r in rows if r.get(name) is not None and r["fid_samples"] == fid_samples]
+    picked = {"first": rows[0] if rows else None, "last": rows[-1] if rows else None,
+              "best": min(comparable, key=lambda r: r[name], default=None)}
+    out: Dict = {"fid_samples": fid_samples}
+    for key, row in picked.items():
+        out[key] = row.get(name) if row else None
+        out[f"{key}_samples"] = row["fid_samples"] if row else None
+    return out
