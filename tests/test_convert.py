@@ -325,7 +325,10 @@ def test_load_stats_state_rejects_a_mask_of_another_shape():
         rgkernels.load_stats_state(lin, {"": torch.ones(4, 1, dtype=torch.bool)})  # would broadcast
 
 
-def test_fused_inside_grouped_masks_warns():
+def test_fused_inside_grouped_masks_warns(monkeypatch):
+    from rgkernels import _backend
+
+    monkeypatch.setattr(_backend, "_warned", set())  # once per process: another test may have had it
     lin = rgkernels.sparsify(nn.Sequential(nn.Linear(3, 4)))
     lin[0].execution = "fused"
     with pytest.warns(rgkernels.RGKernelsWarning, match="grouped_masks"):
