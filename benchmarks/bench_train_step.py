@@ -158,3 +158,38 @@ def test_train_iteration(benchmark, variant, tmp_path):
             benchmark.extra_info["median_vs_dense"] = round(ratio, 4)
             target = " (target <= 1.03x: " + ("met)" if ratio <= 1.03 else "NOT met)") if variant == "rg" else ""
             print(f"\n{variant}: median {MEDIANS[variant] * 1000:.1f} ms/iteration = {ratio:.3f}x dense{target}")
+
+
+PAIRED_ROUNDS = int(os.environ.get("BENCH_TRAIN_PAIRED_ROUNDS", "12" if CUDA else "8"))
+
+
+def test_train_iteration_paired(benchmark, tmp_path):
+    """The three variants in the same rounds (one iteration of each per round, the order rotating), so
+    that a machine whose speed drifts between the tests above still gives comparable medians: the
+    ratios to dense in extra_info (rg_vs_dense, eager_vs_dense) are what the target is judged on."""
+    import time
+
+    runs = {v: make_run(v, tmp_path) for v in ("dense", "rg", "eager")}
+    for run in runs.values():
+        run.train_iteration()  # warm-up (allocations, first masks, the CPU GEMM decisions)
+    times = {v: [] for v in runs}
+    order = list(runs)
+
+    def one_round():
+        k = len(times["dense"]) % len(order)
+        for v in order[k:] + order[:k]:
+            t0 = time.perf_counter()
+            runs[v].train_iteration()
+            if CUDA:
+                torch.cuda.synchronize()
+            times[v].append(time.perf_counter() - t0)
+
+    benchmark.group = f"sngan train iteration, paired g{G_CH} d{D_CH} b{BATCH} ({'cuda' if CUDA else 'cpu'})"
+    benchmark.pedantic(one_round, rounds=PAIRED_ROUNDS, warmup_rounds=0)
+    med = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
+    benchmark.extra_info.update(g_ch=G_CH, d_ch=D_CH, batch=BATCH, threads=torch.get_num_threads(),
+                                rounds=len(times["dense"]), **{f"{v}_median_s": m for v, m in med.items()},
+                                rg_vs_dense=med["rg"] / med["dense"], eager_vs_dense=med["eager"] / med["dense"])
+    print(f"\npaired ({len(times['dense'])} rounds): dense {med['dense'] * 1000:.0f} ms, "
+          f"rg {med['rg'] / med['dense']:.3f}x, eager {med['eager'] / med['dense']:.3f}x "
+          f"(target rg <= 1.03x: {'met' if med['rg'] <= 1.03 * med['dense'] else 'NOT met'})")
