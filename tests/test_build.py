@@ -113,3 +113,40 @@ def test_triton_reported_under_interpreter():
         assert info["ops"]["masked_weight"]["cpu"]["available"]["triton"] is True
         # ...but never chosen for CPU tensors unless asked for
         assert info["ops"]["masked_weight"]["cpu"]["chosen"] == "cpu"
+
+
+# ---- scripts/gpu_check.sh: what a session with a GPU runs, so it must not rot where none is ----------
+
+GPU_CHECK = os.path.join(ROOT, "scripts", "gpu_check.sh")
+
+
+def test_gpu_check_names_existing_files_and_benchmarks():
+    """The device steps name test files and benchmark ids: a rename here would make them run nothing."""
+    import re
+
+    text = open(GPU_CHECK).read()
+    files = set(re.findall(r"tests/test_\w+\.py", text))
+    assert files and all(os.path.isfile(os.path.join(ROOT, f)) for f in files), files
+    targets = re.search(r'filter="cuda and \$\{model:\+\$model and \}(.+)"', text).group(1)  # the -k of `targets`
+    for model in ("sngan32", "stylegan2_256", "fastgan256"):
+        assert model in text
+        out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_masked_layers.py", "--collect-only",
+                              "-q", "-p", "no:cacheprovider", "-k", f"cuda and {model} and {targets}"],
+                             cwd=ROOT, capture_output=True, text=True)
+        assert re.search(r"^(\d+)/\d+ tests collected", out.stdout, re.M), out.stdout[-500:]
+        assert int(re.search(r"^(\d+)/\d+ tests collected", out.stdout, re.M).group(1)) > 0
+
+
+def test_gpu_check_all_keeps_to_its_budget(tmp_path):
+    """`all` with no time left skips every step after the build check and says so, writing its log
+    to $OUT; no argument prints the usage and exits 2."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    r = subprocess.run(["bash", GPU_CHECK, "all", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for step in ("build", "test", "targets sngan32", "targets fastgan256", "sanitize"):
+        assert f"== {step}: skipped" in r.stdout, r.stdout
+    logs = [f for f in os.listdir(tmp_path) if f.endswith("_all.log")]
+    assert len(logs) == 1 and "sanitize: skipped" in open(tmp_path / logs[0]).read()
+    r = subprocess.run(["bash", GPU_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "gpu_check.sh all" in r.stdout
