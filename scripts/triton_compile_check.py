@@ -6,8 +6,9 @@ refuses (tl.dot on tiles under 16, dtypes a target lacks, ...) and takes other t
 dtypes (bf16 dots are float32 there). This script runs the ops' Python wrappers in compiled mode on
 CPU tensors with the launch replaced: each launch's specialisation (argument types, constexprs,
 num_warps / num_stages, as the wrapper chose them for a GPU) is compiled to a cubin with
-`triton.compile(..., target=GPUTarget("cuda", ARCH, 32))` and nothing runs, so the outputs are
-garbage and only the compilation is checked.
+`triton.compile(..., target=GPUTarget("cuda", ARCH, 32))`, and its shared memory is checked against
+what a block may use on that architecture; nothing runs, so the outputs are garbage and only the
+compilation is checked.
 
     python scripts/triton_compile_check.py [--arch 90] [--quick] [--dtypes float32,bfloat16]
 
@@ -42,12 +43,19 @@ DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", 
           torch.bool: "i1"}
 
 
+# Shared memory a block may use (the opt-in maximum per block), by compute capability: the compiler
+# does not check it (the driver refuses the launch), so the check does.
+SHARED_LIMIT = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
+                100: 232448, 120: 101376}
+
+
 class Compiler:
     """Stands in for JITFunction.run: compiles each distinct specialisation once, records failures."""
 
     def __init__(self, arch: int):
         self.target = GPUTarget("cuda", arch, 32)
         self.done, self.failures = {}, []
+        self.max_shared = 0
 
     def signature(self, fn: JITFunction, args, kwargs):
         bound = dict(zip(fn.arg_names, args))
@@ -79,7 +87,12 @@ class Compiler:
         t0 = time.time()
         try:
             src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
-            triton.compile(src, target=self.target, options=options)
+            kernel = triton.compile(src, target=self.target, options=options)
+            self.max_shared = max(self.max_shared, kernel.metadata.shared)
+            limit = SHARED_LIMIT.get(self.target.arch)
+            if limit is not None and kernel.metadata.shared > limit:
+                raise RuntimeError(f"needs {kernel.metadata.shared} bytes of shared memory per block; "
+                                   f"sm_{self.target.arch} allows {limit}")
             self.done[key] = time.time() - t0
         except Exception as e:  # any compiler error: reported, the other kernels still compiled
             self.done[key] = None
@@ -203,7 +216,8 @@ def main(argv=None) -> int:
     ok = sum(v is not None for v in compiler.done.values())
     kernels = sorted({k[0] for k in compiler.done})
     print(f"triton {triton.__version__}, sm_{args.arch}: {ok} of {len(compiler.done)} specialisations of "
-          f"{len(kernels)} kernels ({', '.join(kernels)}) compiled in {time.time() - t0:.0f} s")
+          f"{len(kernels)} kernels ({', '.join(kernels)}) compiled in {time.time() - t0:.0f} s; the most shared "
+          f"memory a block uses: {compiler.max_shared} bytes (sm_{args.arch} allows {SHARED_LIMIT.get(args.arch)})")
     for f in compiler.failures:
         print("FAILED", f, sep=": ", file=sys.stderr)
     return 0 if not compiler.failures and ok else 1
