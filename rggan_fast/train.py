@@ -30,7 +30,7 @@ import sys  # noqa: E402
 from typing import Dict, List, Optional, Tuple  # noqa: E402
 
 from . import presets  # noqa: E402
-from .config import TrainConfig, absolute_data_path, parse_value, resolve_config  # noqa: E402
+from .config import EXECUTIONS, METRICS, TrainConfig, absolute_data_path, parse_value, resolve_config  # noqa: E402
 from .training import rundir  # noqa: E402  (no torch import)
 
 # Options that may change when a run is resumed (they do not change what is being trained).
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ckpt-kimg", type=float, help="extra checkpoints every this many kimg (default: at evaluations)")
     a("--fid-samples", type=int, help="generated images per FID evaluation")
     a("--final-fid-samples", type=int, help="generated images for the last evaluation")
-    a("--metric", choices=["fid", "proxy"], help="fid (Inception) or proxy (no Inception needed; NOT a FID)")
+    a("--metric", choices=METRICS, help="fid (Inception) or proxy (no Inception needed; NOT a FID)")
     a("--seed", type=int, help="random seed")
     a("--outdir", help="parent directory of run directories")
     a("--name", help="run directory name inside --outdir, no path separators "
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prune", choices=["G", "D", "GD", "none"], help="nets with dynamic pruning (default GD)")
     a("--regen", choices=["G", "D", "GD", "none"], help="nets with recurrent regeneration (default GD)")
     a("--aug-regen", choices=["G", "D", "GD", "none"], help="nets with augmented regeneration (default GD)")
-    a("--execution", choices=["masked_weight", "fused", "auto"],
+    a("--execution", choices=EXECUTIONS,
       help="how pruned layers run: masked_weight (default), fused (Triton, GPU) or auto (timed per layer)")
     a("--device", help="auto, cpu, cuda, cuda:N")
     a("--threads", type=int, help="CPU threads for torch")

@@ -43,7 +43,7 @@ from typing import Dict, List, Union
 import torch
 from torch import Tensor, nn
 
-from .convert import _to_host
+from .convert import _check_module, _to_host
 from .layers import MaskedLayer, stored_weight
 
 
@@ -145,8 +145,7 @@ def _active_weights(m: nn.Module, weights: int) -> Union[int, Tensor]:
 @torch.no_grad()
 def count_flops(module: nn.Module, *example_inputs) -> FlopReport:
     """FLOPs of `module(*example_inputs)` and of a training step on it; see the module docstring."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"count_flops: expected an nn.Module, got {type(module).__name__}")
+    _check_module(module, "count_flops")
     if not example_inputs:
         raise TypeError("count_flops(module, *example_inputs): give the inputs of one forward, "
                         "e.g. count_flops(G, z)")

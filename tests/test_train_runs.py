@@ -396,3 +396,11 @@ def test_demo_length_is_the_same_everywhere():
         text = " ".join(open(os.path.join(REPO, f)).read().lower().split())  # comments wrap lines
         assert f"about {minutes} minutes" in text, f
         assert not re.search(r"~?\d+[ -]minute", text.replace(f"about {minutes} minutes", "")), f
+
+
+def test_config_execution_modes_are_rgkernels():
+    """config.EXECUTIONS (the CLI's choices; config.py imports no torch) is rgkernels' list."""
+    from rggan_fast.config import EXECUTIONS
+    from rgkernels.sparse_exec import EXECUTION_MODES
+
+    assert sorted(EXECUTIONS) == sorted(EXECUTION_MODES)
