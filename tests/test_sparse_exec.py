@@ -15,6 +15,7 @@ import rgkernels
 from rgkernels import sparse_exec as SE
 from rgkernels.ops import triton_masked_linear as TL
 
+from test_cpu_masked_linear import linear_ref64
 from test_masked_weight import rel_err
 
 _OK, _WHY = TL.available()
@@ -224,19 +225,6 @@ def test_fused_conv_transpose_layer(kw, hw, call):
     torch.testing.assert_close(fused(xc, **call), ref(x, **call), rtol=1e-5, atol=1e-6)
 
 
-def _linear_ref64(layer, x, g):
-    """Output and gradients of a masked linear layer in float64 (the reference backend, §2) from the
-    same (low-precision) parameters and inputs: y, dx, dW, db, dt."""
-    w = layer.weight.detach().double().requires_grad_()
-    t = layer.threshold.detach().double().requires_grad_()
-    b = layer.bias.detach().double().requires_grad_()
-    x = x.detach().double().requires_grad_()
-    w_hat = rgkernels.masked_weight(w, t, layer.grad_mode, guard_ratio=None, backend="reference")
-    y = torch.nn.functional.linear(x, w_hat, b)
-    y.backward(g.double())
-    return y.detach(), x.grad, w.grad, b.grad, t.grad
-
-
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_linear_low_precision(dtype):
@@ -246,7 +234,9 @@ def test_fused_linear_low_precision(dtype):
     ref, fused = _pair(lambda: _prune(rgkernels.MaskedLinear(16, 12), dead=[3]).to(dtype))
     x = torch.randn(6, 16, device=DEV, dtype=dtype)
     g = torch.randn(6, 12, device=DEV, dtype=dtype)
-    want = _linear_ref64(ref, x, g)
+    y64, dx64, dw64, dt64, db64, _, _ = linear_ref64(x.cpu(), ref.weight.detach().cpu(), ref.threshold.detach().cpu(),
+                                                     ref.bias.detach().cpu(), g.cpu(), ref.grad_mode, guard=None)
+    want = (y64, dx64, dw64, db64, dt64)
     eps = torch.finfo(dtype).eps
     for layer in (ref, fused):
         xi = x.clone().requires_grad_()
