@@ -140,6 +140,83 @@ def test_spectral_norm_mask_on_effective_weight(kind, sn, order):
     assert layer.threshold.grad.abs().sum() > 0
 
 
+def _h_prime(x):
+    ax = x.abs()
+    return torch.where(ax <= 0.4, 2 - 4 * ax, torch.where(ax <= 1, torch.full_like(ax, 0.4), torch.zeros_like(ax)))
+
+
+class _Step(torch.autograd.Function):
+    """S(x) = [x > 0] with H'(x) for its derivative (DESIGN.md section 2), in plain PyTorch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * _h_prime(x)
+
+
+def _sn_state(layer):
+    """(stored weight, u, v, dim) of either spectral-norm form."""
+    if "weight_orig" in layer._parameters:
+        hook = next(h for h in layer._forward_pre_hooks.values() if type(h).__name__ == "SpectralNorm")
+        return layer.weight_orig, layer.weight_u, layer.weight_v, hook.dim
+    sn = layer.parametrizations.weight[0]
+    return layer.parametrizations.weight.original, sn._u, sn._v, sn.dim
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_transpose"])
+@pytest.mark.parametrize("sn", [_hook_sn, _param_sn], ids=["hook", "parametrization"])
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_spectral_norm_gradients_match_float64_autograd(kind, sn, order):
+    """Values, not only zeros: with u, v fixed (eval), y and the gradients of the stored weight, the
+    threshold and the bias equal float64 autograd through W_eff = W / (u . W v), W_hat = W_eff * S(|W_eff| - t)
+    with H' for S', the gradient at W_eff multiplied by M ("dst") and the stored weight's gradient by M."""
+    torch.manual_seed(3)
+    layer = {"linear": lambda: nn.Linear(6, 5), "conv": lambda: nn.Conv2d(3, 5, 3, padding=1),
+             "conv_transpose": lambda: nn.ConvTranspose2d(3, 5, 3, stride=2)}[kind]()
+    with torch.no_grad():
+        layer.weight.mul_(8.0)
+    layer = rgkernels.sparsify(sn(layer)) if order == "before" else sn(rgkernels.sparsify(layer))
+    x = torch.randn(2, 6) if kind == "linear" else torch.randn(2, 3, 5, 5)
+    layer(x)  # the power iteration settles u, v
+    layer.eval()
+    stored, u, v, dim = _sn_state(layer)
+    w64 = stored.detach().double().clone().requires_grad_()
+    mat = w64.movedim(dim, 0).reshape(w64.shape[dim], -1)
+    w_eff = w64 / torch.dot(u.double(), mat @ v.double())
+    rows = w_eff.detach().movedim(1 if kind == "conv_transpose" else 0, 0).reshape(5, -1).abs().sort(dim=1).values
+    k = rows.shape[1] // 2
+    t = ((rows[:, k - 1] + rows[:, k]) / 2).float()  # between two entries: no ties in float32 or float64
+    with torch.no_grad():
+        layer.threshold.copy_(t)
+    shape = (1, -1, 1, 1) if kind == "conv_transpose" else (-1,) + (1,) * (w64.dim() - 1)
+    t64 = t.double().clone().requires_grad_()
+    xm = w_eff.abs() - t64.view(shape)
+    m = (xm > 0).double().detach()
+    w_eff.register_hook(lambda g: g * m)  # mode "dst": the weight gradient times M
+    w_hat = w_eff * _Step.apply(xm)
+    b64 = layer.bias.detach().double().clone().requires_grad_()
+    fn = {"linear": lambda a: F.linear(a, w_hat, b64), "conv": lambda a: F.conv2d(a, w_hat, b64, padding=1),
+          "conv_transpose": lambda a: F.conv_transpose2d(a, w_hat, b64, stride=2)}[kind]
+    y64 = fn(x.double())
+    y64.square().sum().backward()
+
+    layer.zero_grad()
+    y = layer(x)
+    y.square().sum().backward()
+    assert torch.equal(layer.mask(), m.bool())
+    assert 0.3 < m.mean() < 0.7
+    for what, a, b in (("y", y, y64), ("stored weight", stored.grad, w64.grad * m),
+                       ("threshold", layer.threshold.grad, t64.grad), ("bias", layer.bias.grad, b64.grad)):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err <= 1e-5, f"{what}: rel err {err:.3g}"
+    assert bool((t64.grad != 0).all())
+
+
 def test_spectral_norm_stored_gradient_not_masked_in_dense_mode():
     layer = rgkernels.sparsify(parametrizations.spectral_norm(nn.Linear(6, 5)))
     with torch.no_grad():
