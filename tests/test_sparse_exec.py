@@ -13,13 +13,11 @@ from torch import nn
 
 import rgkernels
 from rgkernels import sparse_exec as SE
-from rgkernels.ops import triton_masked_linear as TL
 
 from test_cpu_masked_linear import linear_ref64
 from test_masked_weight import rel_err
 
-_OK, _WHY = TL.available()
-needs_triton = pytest.mark.skipif(not _OK, reason=f"Triton unavailable: {_WHY}")
+needs_triton = pytest.mark.usefixtures("triton_required")  # fails on Linux without Triton (conftest)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -20,11 +20,14 @@ from rgkernels.ops import triton_mask_stats as S
 from rgkernels.ops import triton_masked_conv  # noqa: F401  (registers the conv ops)
 from rgkernels.ops import triton_masked_linear as TL
 
-_OK, _WHY = TL.available()
-pytestmark = [pytest.mark.triton, pytest.mark.skipif(not _OK, reason=f"Triton unavailable: {_WHY}")]
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_required")]  # conftest: fails on Linux
 ops = torch.ops.rgkernels
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+# Largest error relative to the largest reference entry. Measured in the interpreter (session 9): float32
+# 2.2e-7; float16 3.2e-4 (threshold gradient 7e-8); bfloat16 1.0e-2 (the weight gradient: its last bit
+# flips where the float32 sums differ in order), 3.6e-3 for the threshold gradient, summed from it. About
+# 3x the dtype's eps: room for a GPU's other summation order, not for a wrong row or tile.
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 
 
 def _close(a, b, dtype, what=""):
@@ -137,7 +140,7 @@ def _linear_case(m, c, k, dtype, dead, layout, mode, bias=True, blocks=None):
     _close(y, yr, dtype, "forward")
     _close(dx, xr.grad, dtype, "input grad")
     _close(gw, gw_ref, dtype, "weight grad")
-    _close(gt, gt_ref, dtype if dtype == torch.float32 else torch.bfloat16, "threshold grad")
+    _close(gt, gt_ref, dtype, "threshold grad")
     live = int((counts_ref > 0).sum())
     assert flops.tolist() == [2 * m * live * k, 2 * m * live * k, 2 * m * c * k]
     # entirely pruned rows: exactly the bias
@@ -277,7 +280,7 @@ def _conv_case(co, ci, kh, kw, stride, padding, dilation, h, wd, dtype=torch.flo
     _close(y, yr, dtype, "forward")
     _close(dx, xr.grad, dtype, "input grad")
     _close(gw.reshape(co, -1), gw_ref, dtype, "weight grad")
-    _close(gt, gt_ref, dtype if dtype == torch.float32 else torch.bfloat16, "threshold grad")
+    _close(gt, gt_ref, dtype, "threshold grad")
     # positions each weight meets: output positions of a conv, input positions of a transposed conv
     uses = 2 * h * wd if transposed else 2 * yr.shape[2] * yr.shape[3]
     live = int((counts_ref > 0).sum())

@@ -20,8 +20,7 @@ import pytest  # noqa: E402
 from rgkernels.ops import reference as ref  # noqa: E402,F401  (registers the ref ops)
 from rgkernels.ops import triton_masked_weight as tmw  # noqa: E402
 
-_OK, _WHY = tmw.available()
-pytestmark = [pytest.mark.triton, pytest.mark.skipif(not _OK, reason=f"Triton unavailable: {_WHY}")]
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_required")]  # conftest: fails on Linux
 
 ops = torch.ops.rgkernels
 
@@ -370,7 +369,7 @@ class _CountingKernel:
 
 
 @pytest.fixture(autouse=True)
-def _launch_counter(monkeypatch):
+def _launch_counter(monkeypatch, triton_required):
     global _LAUNCHES
     tmw._build_kernels()
     _LAUNCHES = []
