@@ -12,13 +12,15 @@ They gather all layers' numbers into one tensor per device and sync the host onc
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .layers import MASKED_CLASSES, MaskedLayer, check_mode_flag
+from ._backend import RGKernelsWarning
+from .layers import MASKED_CLASSES, MaskedLayer, check_mode_flag, unsupported_reparametrisation
 
 
 def _check_module(module, where: str) -> None:
@@ -40,17 +42,44 @@ def _masked_class_for(m: nn.Module):
     return MASKED_CLASSES.get(cls)
 
 
+# Layers with weights that sparsify leaves alone, reported so that a model does not "train sparse"
+# with nothing pruned without a word.
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 def sparsify(module: nn.Module) -> nn.Module:
     """Converts every nn.Linear / nn.Conv2d / nn.ConvTranspose2d inside `module` (itself included) to
-    its masked layer, in place, in sparse mode with zero thresholds. Returns `module`."""
+    its masked layer, in place, in sparse mode with zero thresholds. Returns `module`.
+
+    Raises NotImplementedError, before converting anything, for a layer whose weight is under weight
+    norm (its stored tensors are not shaped like the weight, so pruned entries could not be frozen).
+    Warns once per call, naming them, about layers it leaves alone: subclasses of those nn layers
+    (they may override forward: convert their inner layers or write a masked version), other conv
+    dimensions, and lazy layers not yet initialised (run one forward first)."""
     _check_module(module, "sparsify")
-    for m in list(module.modules()):
+    todo, skipped = [], []
+    for name, m in module.named_modules():
         if isinstance(m, MaskedLayer):
             continue
         new_cls = _masked_class_for(m)
-        if new_cls is not None:
-            m.__class__ = new_cls
-            m._init_masked_state()
+        if new_cls is None:
+            if isinstance(m, _WEIGHTED) or isinstance(m, nn.modules.lazy.LazyModuleMixin):
+                skipped.append(f"{name or '(root)'} ({type(m).__name__})")
+            continue
+        why = unsupported_reparametrisation(m)
+        if why is not None:
+            raise NotImplementedError(f"sparsify: layer {name or '(root)'} ({type(m).__name__}) has its weight under "
+                                      f"{why}, which masked layers cannot prune (DESIGN.md section 2 needs one stored "
+                                      "tensor shaped like the weight): use spectral norm, or remove it")
+        todo.append((m, new_cls))
+    for m, new_cls in todo:
+        m.__class__ = new_cls
+        m._init_masked_state()
+    if skipped:
+        shown = ", ".join(skipped[:8]) + (f" and {len(skipped) - 8} more" if len(skipped) > 8 else "")
+        warnings.warn(f"rgkernels.sparsify: left {len(skipped)} layer(s) with weights as they are: {shown} "
+                      "(only exact nn.Linear / nn.Conv2d / nn.ConvTranspose2d are converted; lazy layers "
+                      "after their first forward)", RGKernelsWarning, stacklevel=2)
     return module
 
 

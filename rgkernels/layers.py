@@ -47,6 +47,20 @@ _PER_FORWARD = ("last_counts", "_last_masked", "_mask_cache", "_pre_masked", "_l
 _TRANSIENT = _PER_FORWARD + ("_grad_hooked", "_stats_mask", "_chain_src", "_chain_seq", "_exec_state")
 
 
+def unsupported_reparametrisation(module: nn.Module) -> Optional[str]:
+    """Why the weight's reparametrisation cannot be masked, or None. The mask is computed on the
+    effective weight and the stored parameter's gradient is multiplied by the same M (DESIGN.md section 2),
+    which needs one stored tensor shaped like the weight: weight norm stores a direction and a per-channel
+    magnitude (weight_v / weight_g, or original0 / original1), whose entries are not the weight's."""
+    if "weight_g" in module._parameters or "weight_v" in module._parameters:
+        return "torch.nn.utils.weight_norm (weight_g, weight_v)"
+    p = module._modules.get("parametrizations")
+    if p is not None and "weight" in p and not hasattr(p["weight"], "original"):
+        names = [n for n, _ in p["weight"].named_parameters(recurse=False)]
+        return f"a parametrisation with several stored tensors ({', '.join(names)}; e.g. parametrizations.weight_norm)"
+    return None
+
+
 def stored_weight(module: nn.Module) -> Tensor:
     """The weight parameter the optimiser updates: weight_orig (hook-form spectral norm), the
     original of a parametrisation (parametrizations.spectral_norm), or the weight itself. Reading it
@@ -54,7 +68,14 @@ def stored_weight(module: nn.Module) -> Tensor:
     if "weight_orig" in module._parameters:
         return module._parameters["weight_orig"]
     if parametrize.is_parametrized(module, "weight"):
+        why = unsupported_reparametrisation(module)
+        if why is not None:
+            raise NotImplementedError(f"{type(module).__name__}: masked layers cannot prune a weight under {why}: "
+                                      "use spectral norm, or remove it")
         return module.parametrizations["weight"].original
+    if "weight_g" in module._parameters:
+        raise NotImplementedError(f"{type(module).__name__}: masked layers cannot prune a weight under "
+                                  f"{unsupported_reparametrisation(module)}: use spectral norm, or remove it")
     return module.weight
 
 
@@ -148,6 +169,8 @@ class MaskedLayer:
     def _hook_stored_weight(self) -> None:
         """Registers (once per stored parameter) the hook that masks the stored parameter's gradient."""
         if not self._is_reparametrised():
+            if "weight_g" in self._parameters:  # weight norm applied after conversion: raises, saying why
+                self._stored_weight()
             return  # the op already multiplies the weight gradient by M
         p = self._stored_weight()
         if self._grad_hooked is not None and self._grad_hooked() is p:

@@ -1,5 +1,6 @@
 """sparsify / set_sparse / statistics / regulariser (rgkernels/convert.py), spectral norm in both forms."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -46,10 +47,40 @@ def test_sparsify_converts_root_and_skips_subclasses():
 
     lin = rgkernels.sparsify(nn.Linear(3, 2))
     assert isinstance(lin, rgkernels.MaskedLinear)
-    holder = nn.Sequential(MyLinear(3, 2))
-    rgkernels.sparsify(holder)
+    holder = nn.Sequential(MyLinear(3, 2), nn.Conv1d(2, 2, 1), nn.LazyLinear(3), nn.Linear(2, 2))
+    with pytest.warns(rgkernels.RGKernelsWarning, match=r"left 3 layer.*0 \(MyLinear\), 1 \(Conv1d\), 2 \(LazyLinear\)"):
+        rgkernels.sparsify(holder)
     assert type(holder[0]) is MyLinear
-    assert rgkernels.masked_layers(holder) == []
+    assert [n for n, _ in rgkernels.masked_layers(holder)] == ["3"]
+    holder[2](torch.randn(1, 5))  # a lazy layer becomes an nn.Linear at its first forward
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rgkernels.RGKernelsWarning)
+        rgkernels.sparsify(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))  # nothing left alone: no warning
+    with pytest.warns(rgkernels.RGKernelsWarning, match="left 2 layer"):
+        rgkernels.sparsify(holder)
+    assert isinstance(holder[2], rgkernels.MaskedLinear)
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+@pytest.mark.parametrize("form", ["parametrization", "hook"])
+def test_weight_norm_is_refused_clearly(order, form):
+    """Weight norm stores a direction and a per-channel magnitude, not a weight-shaped tensor whose
+    pruned entries could be frozen: sparsify refuses it before converting anything, and a masked layer
+    put under it afterwards refuses its first sparse forward."""
+    wn = parametrizations.weight_norm if form == "parametrization" else nn.utils.weight_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook form is deprecated
+        if order == "before":
+            model = nn.Sequential(nn.Linear(3, 3), wn(nn.Conv2d(3, 4, 3)))
+            with pytest.raises(NotImplementedError, match="layer 1 .*weight.norm"):
+                rgkernels.sparsify(model)
+            assert rgkernels.masked_layers(model) == []  # not half converted
+        else:
+            layer = wn(rgkernels.sparsify(nn.Conv2d(3, 4, 3)))
+            with pytest.raises(NotImplementedError, match="weight.norm"):
+                layer(torch.randn(1, 3, 5, 5))
+            rgkernels.set_sparse(layer, False)
+            layer(torch.randn(1, 3, 5, 5))  # dense mode is the nn layer: fine
 
 
 @pytest.mark.parametrize("gemm", cpu_gemms())
