@@ -152,14 +152,15 @@ def count_flops(module: nn.Module, *example_inputs) -> FlopReport:
     calls: List[tuple] = []  # (name, module, kind, uses, active weights)
     names = {id(m): n for n, m in module.named_modules()}
 
-    def hook(m, args, out):
+    def hook(m, args, kwargs, out):
         kind = _kind(m)
         weights = stored_weight(m).numel()
-        uses = _uses(m, kind, args[0], out)
+        x = args[0] if args else kwargs.get("input")  # layer(x) or layer(input=x)
+        uses = _uses(m, kind, x, out)
         calls.append((names[id(m)] or type(m).__name__, m, kind, uses, _active_weights(m, weights),
                       _executed(m, uses)))
 
-    handles = [m.register_forward_hook(hook) for m in module.modules() if _kind(m) is not None]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in module.modules() if _kind(m) is not None]
     modes = {m: m.training for m in module.modules()}
     try:
         module.eval()  # no power-iteration or batch-norm statistics updates from counting

@@ -331,10 +331,15 @@ class MaskedLayer:
     # ---- nn.Module plumbing ------------------------------------------------------------------------
 
     def _apply(self, fn, recurse=True):
+        t_before = self.threshold.data  # aliases of the float32 storages (super() swaps in converted ones)
+        g_before = None if self.threshold.grad is None else self.threshold.grad.data
         out = super()._apply(fn, recurse)
-        # The fast kernels take float32 thresholds; `.half()` on a model must not demote them.
+        # The fast kernels take float32 thresholds; `.half()` on a model must not demote them, nor round
+        # their values through 16 bits (1e5 is inf in float16): the float32 values, moved where fn put them.
         if self.threshold.dtype in (torch.float16, torch.bfloat16):
-            self.threshold.data = self.threshold.data.float()
+            self.threshold.data = t_before.to(self.threshold.device)
+            if g_before is not None:
+                self.threshold.grad = g_before.to(self.threshold.device)
         for name in _PER_FORWARD:
             object.__setattr__(self, name, None)
         if self._stats_mask is not None:  # keeps regeneration counting across `.to(device)`
@@ -392,7 +397,7 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
             return None
         if self.padding not in ("valid", (0, 0)) or tuple(input.shape[2:]) != tuple(self.kernel_size):
             return None
-        return input.reshape(input.shape[0], -1)
+        return input.flatten(1)  # (reshape(n, -1) cannot infer -1 for an empty batch)
 
     def _linear_output(self, y: Tensor) -> Tensor:
         return y.view(y.shape[0], y.shape[1], 1, 1)

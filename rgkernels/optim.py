@@ -14,7 +14,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .convert import masked_layers
+from .convert import _check_module, masked_layers
 
 
 class ProtectHandle:
@@ -32,6 +32,9 @@ class ProtectHandle:
 def protect_pruned(module: nn.Module, optimizer: torch.optim.Optimizer) -> ProtectHandle:
     """Freezes, across every `optimizer.step()`, the pruned entries of the masked layers of `module`
     whose stored weight `optimizer` updates. Returns a handle with `.remove()`."""
+    _check_module(module, "protect_pruned")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"protect_pruned: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
     saved: List[Tuple[Tensor, Tensor, Tensor]] = []  # (param, mask, copy before the step)
 
     def before(opt, args, kwargs):

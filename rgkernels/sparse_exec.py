@@ -674,7 +674,7 @@ def compact_chains(module: nn.Module) -> ChainHandle:
             if isinstance(child, MaskedLayer):
                 same = (isinstance(prev, MaskedLinear) and isinstance(child, MaskedLinear)
                         and prev.out_features == child.in_features) or \
-                       (type(prev) is type(child) and isinstance(child, MaskedConv2d)
+                       (isinstance(prev, MaskedConv2d) and isinstance(child, MaskedConv2d)  # spectral norm included
                         and prev.out_channels == child.in_channels and child.groups == 1)
                 if prev is not None and fwd_ok and same:
                     child._chain_src = weakref.ref(prev)

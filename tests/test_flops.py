@@ -103,3 +103,19 @@ def test_small_model_totals_and_shared_layer():
     rgkernels.sparsify(model)
     assert rgkernels.count_flops(model, x).forward.dense == sum(expected.values())
     assert "TOTAL" in report.summary()
+
+
+def test_layer_called_with_a_keyword_input():
+    """layer(input=x) counts as layer(x) (a transposed conv's count needs its input)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = rgkernels.MaskedLinear(3, 4)
+            self.up = rgkernels.MaskedConvTranspose2d(4, 2, 2)
+
+        def forward(self, x):
+            return self.up(input=self.fc(input=x)[:, :, None, None])
+
+    r = rgkernels.count_flops(Net(), torch.randn(5, 3))
+    assert r.layers["fc"].forward.dense == 2 * 5 * 3 * 4  # 5 rows, 12 weights
+    assert r.layers["up"].forward.dense == 2 * 5 * 4 * 2 * 2 * 2  # 5 input positions x 32 weights

@@ -232,6 +232,17 @@ def test_mask_none_in_dense_mode_and_cleared_by_mode_switch():
 def test_threshold_float32_survives_half_and_pickling():
     m = rgkernels.MaskedConv2d(3, 4, 3).half()
     assert m.weight.dtype == torch.float16 and m.threshold.dtype == torch.float32
+    # the values too, not their 16-bit roundings (1e5 is inf in float16, 1e-8 is 0), and the gradient
+    lin = rgkernels.MaskedLinear(4, 3)
+    t = torch.tensor([0.0123456789, 1e-8, 1e5])
+    with torch.no_grad():
+        lin.threshold.copy_(t)
+    lin.threshold.grad = torch.tensor([1e-8, 3e5, -0.1])
+    g = lin.threshold.grad.clone()
+    for convert in (lin.half, lin.bfloat16):
+        convert()
+        assert lin.weight.dtype != torch.float32 and lin.threshold.dtype == torch.float32
+        assert torch.equal(lin.threshold.detach(), t) and torch.equal(lin.threshold.grad, g)
     m = rgkernels.MaskedLinear(3, 2)
     m(torch.randn(1, 3))
     for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
@@ -255,3 +266,15 @@ def test_sparse_layer_called_twice_before_backward(backend):
         m(2 * x).sum().backward()
     torch.testing.assert_close(m.threshold.grad, g_t)
     torch.testing.assert_close(m.weight.grad, g_w)
+
+
+def test_conv_lowered_to_a_linear_layer_takes_an_empty_batch():
+    """A conv whose kernel covers its input runs as a linear layer on the flattened input; an empty
+    batch gives an empty output and zero gradients, as nn.Conv2d does."""
+    ref = nn.Conv2d(3, 4, 3)
+    m = rgkernels.sparsify(copy.deepcopy(ref))
+    x = torch.randn(0, 3, 3, 3, requires_grad=True)
+    y = m(x)
+    assert y.shape == ref(x).shape == (0, 4, 1, 1)
+    y.sum().backward()
+    assert not m.weight.grad.any() and not m.threshold.grad.any() and not m.bias.grad.any()

@@ -104,3 +104,12 @@ def test_only_parameters_of_the_optimizer_are_touched():
     other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     rgkernels.protect_pruned(model, other)  # protects nothing of `model`
     assert _sparse_steps(model, opt, layers, x, steps=2)[2]
+
+
+def test_bad_arguments_are_named():
+    model = rgkernels.sparsify(nn.Linear(3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="protect_pruned: expected an nn.Module"):
+        rgkernels.protect_pruned(None, opt)
+    with pytest.raises(TypeError, match="protect_pruned: expected a torch.optim.Optimizer"):
+        rgkernels.protect_pruned(model, [p for p in model.parameters()])

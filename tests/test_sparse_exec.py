@@ -543,6 +543,18 @@ def test_auto_candidates_run_both_paths_on_copies(kind):
     SE.clear_decisions()
 
 
+def test_chain_links_under_spectral_norm():
+    """Parametrised layers each get their own class: the links must not depend on the exact type."""
+    sn = nn.utils.parametrizations.spectral_norm
+    for norm in (lambda m: m, sn):
+        model = rgkernels.sparsify(nn.Sequential(norm(nn.Conv2d(3, 8, 3)), nn.ReLU(), norm(nn.Conv2d(8, 8, 3)),
+                                                 nn.ReLU(), nn.Flatten(), norm(nn.Linear(8, 8)), nn.ReLU(),
+                                                 norm(nn.Linear(8, 4))))
+        h = SE.compact_chains(model)
+        assert h.links == [("0", "2", True), ("5", "7", True)]
+        h.remove()
+
+
 def test_compaction_helper():
     counts = torch.tensor([3, 0, 5, 0, 1], dtype=torch.int32)
     bias = torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0])
