@@ -178,6 +178,46 @@ def test_gemm_measured_once_per_layer_shape(monkeypatch):
     assert SE.decisions() == {}
 
 
+@pytest.mark.skipif("ukernel" not in cpu_gemms(), reason="no oneDNN micro-kernel on this CPU / build")
+def test_gemm_measurement_inside_checkpoint_determinism_and_bad_inputs(monkeypatch):
+    """The timing runs inside the user's forward: non-reentrant activation checkpointing must not see
+    their saved tensors; with deterministic algorithms nothing is timed (the two paths differ in the
+    last bits); a call with a wrong input size neither times nor spoils the shape's later measurement."""
+    from torch.utils.checkpoint import checkpoint
+
+    from rgkernels import sparse_exec as SE
+    from rgkernels.ops import cpu_masked_linear as CML
+
+    with cpu_gemm("auto"):
+        SE.clear_decisions()
+        model = rgkernels.sparsify(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                                       torch.nn.Linear(16, 4)))
+        x = torch.randn(5, 16, requires_grad=True)
+        checkpoint(model, x, use_reentrant=False).sum().backward()  # measures both shapes inside
+        assert len(SE.decisions()) == 2
+        g = x.grad.clone()
+        x.grad = None
+        model(x).sum().backward()
+        torch.testing.assert_close(x.grad, g)
+
+        SE.clear_decisions()
+        monkeypatch.setattr(CML, "_cpu_times", lambda cands: pytest.fail("timed under deterministic algorithms"))
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        layer = rgkernels.MaskedLinear(24, 16)
+        _step(layer, torch.randn(5, 24, requires_grad=True))
+        assert SE.decisions() == {}
+        monkeypatch.undo()
+
+        SE.clear_decisions()
+        layer = rgkernels.MaskedLinear(64, 32)
+        with pytest.raises(RuntimeError, match="masked_linear_cpu"):
+            layer(torch.randn(16, 65))
+        assert SE.decisions() == {}
+        _step(layer, torch.randn(16, 64, requires_grad=True))
+        assert list(SE.decisions().values()) in (["aten"], ["ukernel"])  # measured: not marked unmeasurable
+    SE.clear_decisions()
+
+
 def test_gemm_timing_interleaves_the_candidates():
     """Each round runs every candidate once, the order rotated between rounds; medians per candidate."""
     from rgkernels.ops import cpu_masked_linear as CML

@@ -26,6 +26,7 @@ every layer instead.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -194,6 +195,12 @@ def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Te
             or torch.is_inference_mode_enabled() or ext.cpu_gemm_pinned()
             or not ext.cpu_ukernel_available() or torch._C._len_torch_dispatch_stack() > 0):
         return -1
+    if torch.are_deterministic_algorithms_enabled():
+        # The two paths differ in the last bits, and a choice by timing could differ between two runs
+        # of the same seed: the process-wide path instead (not memoised: the setting can change).
+        return -1
+    if x2.shape[-1] != k:  # a wrong input: the node raises F.linear's error; nothing to time (or to
+        return -1          # mark unmeasurable for the valid inputs of the same key)
     rows, _, _, has_bias, threads = mkey
     key = f"cpu_gemm|rows{rows}|w{(o, k)}|bias{int(has_bias)}|threads{threads}"
     hit = sparse_exec.cached_decision(key)
@@ -224,7 +231,12 @@ def _gemm_candidates(x2, weight, threshold, bias, grad_mode_id, guard_ratio):
     node = _cpp_node()
 
     def run(gemm):
-        with torch.enable_grad():
+        # Identity saved-tensor hooks of its own: the timing runs inside the user's forward, where
+        # activation checkpointing's hooks (torch.utils.checkpoint, use_reentrant=False) would otherwise
+        # count their saved tensors as the forward's and refuse the recomputation.
+        own_hooks = (torch.autograd.graph.saved_tensors_hooks(lambda a: a, lambda a: a)
+                     if torch._C._autograd._saved_tensors_hooks_is_enabled() else contextlib.nullcontext())
+        with torch.enable_grad(), own_hooks:
             node(x, w, t, b, grad_mode_id, guard_ratio, gemm)[0].backward(dy)
         x.grad = w.grad = t.grad = None
         if b is not None:
