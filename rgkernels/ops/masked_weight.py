@@ -107,7 +107,9 @@ class _MaskedWeightFn(torch.autograd.Function):
         # call bumps its version counter, and a layer used twice before one backward (D(real),
         # D(fake)) would fail autograd's check. The only real write is the collapse guard, which
         # fires in the first call of a step and leaves t = 0 for the next ones: the value the
-        # backward reads is the one the forward used.
+        # backward reads is the one the forward used, unless the caller changes the threshold between
+        # a forward and its backward (which autograd cannot report here; README, "converting your own
+        # model").
         ctx.threshold = threshold
         ctx.bwd = bwd
         ctx.grad_mode_id = grad_mode_id
