@@ -113,3 +113,35 @@ def test_bad_arguments_are_named():
         rgkernels.protect_pruned(None, opt)
     with pytest.raises(TypeError, match="protect_pruned: expected a torch.optim.Optimizer"):
         rgkernels.protect_pruned(model, [p for p in model.parameters()])
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_pruned_weights_frozen_while_thresholds_train(opt_name):
+    """RG-GAN's case: the thresholds are trained by the same optimiser, so masks change from step to
+    step and weights are pruned and regrow; in every step the entries pruned by that step's forward
+    stay bit-identical, and a regrown weight resumes from the value it was pruned with."""
+    model, _, layers, x = _setup(opt_name)
+    opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    rgkernels.protect_pruned(model, opt)
+    weights = [stored_weight(l) for l in layers]
+    pruned_at = [None] * len(layers)  # value of each entry when it was last pruned
+    changed = regrew = 0
+    prev = None
+    for _ in range(15):
+        opt.zero_grad()
+        (model(x).square().mean() + rgkernels.threshold_regularizer(model, 1e-3)).backward()
+        masks = [l.mask().clone() for l in layers]
+        before = [w.detach().clone() for w in weights]
+        opt.step()
+        for i, (w, m, b) in enumerate(zip(weights, masks, before)):
+            assert torch.equal(w.detach()[~m], b[~m]), f"layer {i}: a pruned weight moved"
+            if prev is not None:
+                back = m & ~prev[i]  # active again since the previous step
+                changed += int((m != prev[i]).sum())
+                regrew += int(back.sum())
+                assert torch.equal(b[back], pruned_at[i][back]), "a regrown weight did not resume its value"
+            pruned_at[i] = torch.where(~m, b, b if pruned_at[i] is None else pruned_at[i])
+        prev = masks
+    assert changed > 0  # the masks did move: the checks above had something to check
+    if opt_name != "sgd_momentum":  # (plain SGD's threshold steps are too small to regrow weights in 15 steps)
+        assert regrew > 0
