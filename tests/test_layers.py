@@ -90,7 +90,14 @@ def _composition(m, x, functional, rows=lambda w: w, unrows=lambda r: r):
 
 
 def _check_sparse(m, x, functional, exact=True, **kw):
-    _random_thresholds(m)
+    # |W| up to 1.6 and t up to 0.6: x = |W| - t falls in all three bands of H' (|x| <= 0.4, 0.4 < |x| <= 1,
+    # |x| > 1), so a wrong band or slope shows in the threshold and weight gradients.
+    with torch.no_grad():
+        m.weight.mul_(1.6 / m.weight.abs().max())
+    _random_thresholds(m, scale=0.6)
+    xs = (kw.get("rows", lambda w: w)(m.weight.detach()).flatten(1).abs()
+          - m.threshold.detach()[:, None]).abs()
+    assert bool((xs <= 0.4).any()) and bool(((xs > 0.4) & (xs <= 1)).any()) and bool((xs > 1).any())
     y_ref, (xr, w, t, b) = _composition(m, x, functional, **kw)
     xm = x.clone().requires_grad_()
     y = m(xm)
@@ -118,9 +125,11 @@ def test_linear_sparse_equals_composition(grad_mode, gemm):
         _check_sparse(m, torch.randn(2, 3, 7), F.linear, exact=gemm == "aten")
 
 
+@pytest.mark.parametrize("grad_mode", ["dst", "masked"])
 @pytest.mark.parametrize("kw", CONV_CASES)
-def test_conv_sparse_equals_composition(kw):
+def test_conv_sparse_equals_composition(kw, grad_mode):
     m = rgkernels.MaskedConv2d(**kw)
+    m.grad_mode = grad_mode
     _check_sparse(m, torch.randn(2, kw["in_channels"], 9, 8), lambda x, w, b: m._conv_forward(x, w, b))
 
 
@@ -172,9 +181,11 @@ def test_conv_sparse_any_dtype_and_input_strides(transposed, dtype, layout):
     assert m.threshold.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("grad_mode", ["dst", "masked"])
 @pytest.mark.parametrize("kw", TCONV_CASES)
-def test_conv_transpose_sparse_equals_composition(kw):
+def test_conv_transpose_sparse_equals_composition(kw, grad_mode):
     m = rgkernels.MaskedConvTranspose2d(**kw)
+    m.grad_mode = grad_mode
     g = m.groups
 
     # Independent regrouping: output channel of weight[i, j] is (i // (C_in/g)) * (C_out/g) + j.
@@ -256,16 +267,17 @@ def test_sparse_layer_called_twice_before_backward(backend):
     m = rgkernels.MaskedLinear(6, 4)
     with torch.no_grad():
         m.threshold.fill_(0.1)
-    x = torch.randn(3, 6)
+    x = torch.randn(3, 6, requires_grad=True)
     with rgkernels.use_backend(backend):
-        (m(x).sum() + m(2 * x).sum()).backward()  # e.g. D(real) and D(fake) in one loss
-    g_t, g_w = m.threshold.grad.clone(), m.weight.grad.clone()
+        (m(x).square().sum() + m(2 * x).square().sum()).backward()  # e.g. D(real) and D(fake) in one loss
+    grads = [g.clone() for g in (m.threshold.grad, m.weight.grad, m.bias.grad, x.grad)]
     m.zero_grad()
+    x.grad = None
     with rgkernels.use_backend("reference"):  # the same as two separate backward passes
-        m(x).sum().backward()
-        m(2 * x).sum().backward()
-    torch.testing.assert_close(m.threshold.grad, g_t)
-    torch.testing.assert_close(m.weight.grad, g_w)
+        m(x).square().sum().backward()
+        m(2 * x).square().sum().backward()
+    for got, want in zip(grads, (m.threshold.grad, m.weight.grad, m.bias.grad, x.grad)):
+        torch.testing.assert_close(got, want)
 
 
 def test_conv_lowered_to_a_linear_layer_takes_an_empty_batch():
