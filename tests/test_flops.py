@@ -119,3 +119,48 @@ def test_layer_called_with_a_keyword_input():
     r = rgkernels.count_flops(Net(), torch.randn(5, 3))
     assert r.layers["fc"].forward.dense == 2 * 5 * 3 * 4  # 5 rows, 12 weights
     assert r.layers["up"].forward.dense == 2 * 5 * 4 * 2 * 2 * 2  # 5 input positions x 32 weights
+
+
+def _set_keep(layer, keep):
+    """Weights |w| = 1..K / K in every mask row (K entries per row) and thresholds that keep keep[i] of
+    row i: the active count is known by construction."""
+    layer.guard_ratio = None
+    with torch.no_grad():
+        rows = layer._to_rows(layer.weight)
+        k = rows[0].numel()
+        vals = (torch.arange(k, dtype=torch.float32) + 1).div(k).view(rows[0].shape)
+        layer.weight.copy_(layer._from_rows(vals.expand_as(rows).contiguous()))
+        layer.threshold.copy_(torch.tensor([(k - n + 0.5) / k for n in keep]))
+    return k
+
+
+@pytest.mark.parametrize("make,shape,fwd", CASES)
+def test_active_counts_by_construction(make, shape, fwd):
+    """Every layer geometry of CASES with a known number of active weights per output channel: forward
+    and input gradient count the active weights, the weight gradient stays dense."""
+    layer = rgkernels.sparsify(make())
+    rows = layer.mask_rows
+    k = layer.weight.numel() // rows
+    keep = [[k, k // 2, 1, 0][i % 4] for i in range(rows)]
+    _set_keep(layer, keep)
+    r = rgkernels.count_flops(layer, torch.randn(shape))
+    weights, active = layer.weight.numel(), sum(keep)
+    uses = fwd // (2 * weights)
+    (lf,) = r.layers.values()
+    assert lf.active_weights == active and lf.uses == uses
+    assert (r.forward.dense, r.forward.active) == (fwd, 2 * uses * active)
+    assert (r.input_grad.dense, r.input_grad.active) == (fwd, 2 * uses * active)
+    assert r.weight_grad.dense == r.weight_grad.active == r.weight_grad.executed == fwd
+    assert r.step.active == 2 * (2 * uses * active) + fwd and r.step.dense == 3 * fwd
+    assert 2 * uses * active <= r.forward.executed <= fwd
+
+
+def test_shared_masked_layer_called_twice_in_sparse_mode():
+    shared = rgkernels.MaskedLinear(6, 4)
+    _set_keep(shared, [6, 3, 0, 1])
+    model = nn.Sequential(shared, nn.ReLU(), nn.Linear(4, 6), shared)
+    r = rgkernels.count_flops(model, torch.randn(5, 6))
+    lf = r.layers["0"]
+    assert lf.calls == 2 and lf.uses == 10 and lf.active_weights == 2 * 10  # summed over the calls
+    assert (lf.forward.dense, lf.forward.active) == (2 * 10 * 24, 2 * 10 * 10)
+    assert r.forward.dense == 2 * 10 * 24 + 2 * 5 * 24 and r.forward.active == 2 * 10 * 10 + 2 * 5 * 24
