@@ -319,6 +319,48 @@ def test_layer_stats_counts_regenerations():
     assert rgkernels.layer_stats(lin)[""]["regenerations"] == 40 - 19
 
 
+STATS_LAYERS = {  # the ways a layer's mask reaches the statistics
+    "conv": (lambda: rgkernels.MaskedConv2d(3, 4, 3, padding=1), (2, 3, 5, 5)),  # from W_hat
+    "conv_one_position": (lambda: rgkernels.MaskedConv2d(3, 4, 3), (2, 3, 3, 3)),  # the linear node's bits
+    "conv_transpose_grouped": (lambda: rgkernels.MaskedConvTranspose2d(4, 6, 3, stride=2, groups=2), (2, 4, 3, 3)),
+    "conv_transpose_1x1_map": (lambda: rgkernels.MaskedConvTranspose2d(4, 6, 4), (2, 4, 1, 1)),  # bits, regrouped
+}
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("kind", list(STATS_LAYERS))
+def test_layer_stats_by_construction_every_layer_kind(kind, backend):
+    """Known keep counts per output channel (|w| = 1..K / K in every mask row, thresholds between
+    them): keep ratio, entirely pruned rows, regenerations and the mask itself, on every layer kind."""
+    make, shape = STATS_LAYERS[kind]
+    layer = make()
+    layer.guard_ratio = None
+    rows, k = layer.mask_rows, layer.weight.numel() // layer.mask_rows
+    with torch.no_grad():
+        r = layer._to_rows(layer.weight)
+        vals = (torch.arange(k, dtype=torch.float32) + 1).div(k).view(r[0].shape)
+        signs = torch.where(torch.rand(r.shape) < 0.5, -1.0, 1.0)  # |w| is what counts
+        layer.weight.copy_(layer._from_rows(vals.expand_as(r) * signs))
+    x = torch.randn(shape)
+
+    def run(keep):
+        with torch.no_grad():
+            layer.threshold.copy_(torch.tensor([(k - n + 0.5) / k for n in keep]))
+        with rgkernels.use_backend(backend):
+            layer(x)
+        want = layer._to_rows(layer.weight.detach()).flatten(1).abs() > layer.threshold.detach()[:, None]
+        assert torch.equal(layer._to_rows(layer.mask()).flatten(1), want)
+        assert want.sum(1).tolist() == keep
+        return rgkernels.layer_stats(layer)[""]
+
+    first = [[k, k // 2, 0, 1][i % 4] for i in range(rows)]
+    second = [[k // 2, k, 1, 0][i % 4] for i in range(rows)]
+    assert run(first) == {"keep_ratio": sum(first) / (rows * k), "rows_pruned": first.count(0), "regenerations": 0}
+    regrown = sum(max(0, b - a) for a, b in zip(first, second))  # the largest |w| are kept: n -> m regrows m - n
+    assert run(second) == {"keep_ratio": sum(second) / (rows * k), "rows_pruned": second.count(0),
+                           "regenerations": regrown}
+
+
 def test_layer_stats_state_carries_regenerations_across_a_copy():
     """stats_state / load_stats_state: a resumed run counts regenerations as the original would."""
     lin = _linear_with_known_weights()
