@@ -10,6 +10,7 @@ from torch.nn.utils import parametrizations
 
 import rgkernels
 from conftest import cpu_gemm, cpu_gemms
+from test_masked_weight import _Step as Step  # S with H' for S' (DESIGN.md section 2)
 
 
 def _model(dtype=torch.float32):
@@ -171,25 +172,6 @@ def test_spectral_norm_mask_on_effective_weight(kind, sn, order):
     assert layer.threshold.grad.abs().sum() > 0
 
 
-def _h_prime(x):
-    ax = x.abs()
-    return torch.where(ax <= 0.4, 2 - 4 * ax, torch.where(ax <= 1, torch.full_like(ax, 0.4), torch.zeros_like(ax)))
-
-
-class _Step(torch.autograd.Function):
-    """S(x) = [x > 0] with H'(x) for its derivative (DESIGN.md section 2), in plain PyTorch."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return (x > 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * _h_prime(x)
-
-
 def _sn_state(layer):
     """(stored weight, u, v, dim) of either spectral-norm form."""
     if "weight_orig" in layer._parameters:
@@ -229,7 +211,7 @@ def test_spectral_norm_gradients_match_float64_autograd(kind, sn, order):
     xm = w_eff.abs() - t64.view(shape)
     m = (xm > 0).double().detach()
     w_eff.register_hook(lambda g: g * m)  # mode "dst": the weight gradient times M
-    w_hat = w_eff * _Step.apply(xm)
+    w_hat = w_eff * Step.apply(xm)
     b64 = layer.bias.detach().double().clone().requires_grad_()
     fn = {"linear": lambda a: F.linear(a, w_hat, b64), "conv": lambda a: F.conv2d(a, w_hat, b64, padding=1),
           "conv_transpose": lambda a: F.conv_transpose2d(a, w_hat, b64, stride=2)}[kind]
