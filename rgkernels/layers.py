@@ -348,6 +348,19 @@ class MaskedLayer:
             self._exec_flops = fn(self._exec_flops)
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A dense checkpoint (the nn layer's state: its weight, no threshold) loads strictly too: the
+        threshold then starts at 0, as `sparsify` leaves it. Anything else missing is still reported."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "threshold"
+        weight_keys = ("weight", "weight_orig", "parametrizations.weight.original")
+        if key in missing_keys and any(prefix + k in state_dict for k in weight_keys):
+            missing_keys.remove(key)
+            with torch.no_grad():
+                self.threshold.zero_()
+
     def __getstate__(self):
         state = super().__getstate__()
         for name in _TRANSIENT:

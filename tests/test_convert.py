@@ -477,3 +477,28 @@ def test_fused_inside_grouped_masks_warns(monkeypatch):
     with pytest.warns(rgkernels.RGKernelsWarning, match="grouped_masks"):
         with rgkernels.grouped_masks(lin):
             lin(torch.randn(2, 3))
+
+
+def test_dense_checkpoint_loads_into_a_sparsified_model():
+    """The nn layers' state (no thresholds) loads strictly: weights taken, thresholds back to 0 as after
+    sparsify; a checkpoint that lacks a weight is still refused, and a sparsified one keeps its thresholds."""
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), parametrizations.spectral_norm(nn.Linear(4, 2)),
+                             nn.utils.spectral_norm(nn.ConvTranspose2d(2, 2, 1)))
+
+    dense = make()
+    model = rgkernels.sparsify(make())
+    for _, layer in rgkernels.masked_layers(model):
+        with torch.no_grad():
+            layer.threshold.fill_(0.3)
+    model.load_state_dict(dense.state_dict())
+    assert all(not layer.threshold.any() for _, layer in rgkernels.masked_layers(model))
+    for k, v in dense.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\).*"0.weight"'):
+        model.load_state_dict({k: v for k, v in dense.state_dict().items() if k != "0.weight"})
+    other = rgkernels.sparsify(make())
+    with torch.no_grad():
+        other[0].threshold.fill_(0.2)
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(model[0].threshold.detach(), torch.full((4,), 0.2))
