@@ -67,15 +67,12 @@ def stored_weight(module: nn.Module) -> Tensor:
     never runs a parametrisation (no power iteration)."""
     if "weight_orig" in module._parameters:
         return module._parameters["weight_orig"]
+    why = unsupported_reparametrisation(module)
+    if why is not None:
+        raise NotImplementedError(f"{type(module).__name__}: masked layers cannot prune a weight under {why}: "
+                                  "use spectral norm, or remove it")
     if parametrize.is_parametrized(module, "weight"):
-        why = unsupported_reparametrisation(module)
-        if why is not None:
-            raise NotImplementedError(f"{type(module).__name__}: masked layers cannot prune a weight under {why}: "
-                                      "use spectral norm, or remove it")
         return module.parametrizations["weight"].original
-    if "weight_g" in module._parameters:
-        raise NotImplementedError(f"{type(module).__name__}: masked layers cannot prune a weight under "
-                                  f"{unsupported_reparametrisation(module)}: use spectral norm, or remove it")
     return module.weight
 
 
@@ -161,7 +158,8 @@ class MaskedLayer:
     def _is_reparametrised(self) -> bool:
         # parametrize.is_parametrized(self, "weight") without its getattr (an AttributeError raised
         # and caught inside nn.Module.__getattr__ on every unparametrised layer, every forward).
-        if "weight_orig" in self._parameters:
+        # Hook forms: spectral norm (weight_orig) and weight norm (weight_g, which _stored_weight refuses).
+        if "weight_orig" in self._parameters or "weight_g" in self._parameters:
             return True
         p = self._modules.get("parametrizations")
         return p is not None and "weight" in p
@@ -169,8 +167,6 @@ class MaskedLayer:
     def _hook_stored_weight(self) -> None:
         """Registers (once per stored parameter) the hook that masks the stored parameter's gradient."""
         if not self._is_reparametrised():
-            if "weight_g" in self._parameters:  # weight norm applied after conversion: raises, saying why
-                self._stored_weight()
             return  # the op already multiplies the weight gradient by M
         p = self._stored_weight()
         if self._grad_hooked is not None and self._grad_hooked() is p:

@@ -24,18 +24,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def triton_missing(why: str):
+    """Triton (with its NVIDIA backend and ptxas, which its Linux wheels ship) is a dependency on Linux
+    (pyproject.toml): there a missing part fails the test (a broken install must not pass as skipped
+    tests); elsewhere it skips it."""
+    if sys.platform.startswith("linux"):
+        pytest.fail(f"{why} (Triton is a dependency on Linux: pip install -e .)")
+    pytest.skip(why)
+
+
 @pytest.fixture
 def triton_required():
-    """For the Triton tests: Triton is a dependency on Linux (pyproject.toml), so there a Triton that
-    cannot run fails them (a broken install must not pass as skipped tests); elsewhere it skips them."""
+    """For the Triton tests: fails or skips them (triton_missing) when Triton cannot run."""
     from rgkernels.ops import triton_masked_linear as TL
 
     ok, why = TL.available()
-    if ok:
-        return
-    if sys.platform.startswith("linux"):
-        pytest.fail(f"Triton unavailable: {why} (it is a dependency on Linux: pip install -e .)")
-    pytest.skip(f"Triton unavailable: {why}")
+    if not ok:
+        triton_missing(f"Triton unavailable: {why}")
 
 
 @pytest.fixture(autouse=True)

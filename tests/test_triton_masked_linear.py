@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import triton_missing
 from rgkernels.ops import reference as R
 from rgkernels.ops import triton_mask_stats as S
 from rgkernels.ops import triton_masked_conv  # noqa: F401  (registers the conv ops)
@@ -441,19 +442,17 @@ def test_compiles_for_sm90():
     """The GEMM kernels compile for an H100 (tensor-core MMAs in the PTX) without a GPU: bfloat16
     forward with input compaction, the weight gradient with its epilogue, the conv input gradient,
     the mask statistics of a transposed conv's 3-D row view and its three kernels."""
-    # Linux wheels of Triton ship the NVIDIA backend and ptxas: there a missing one is a broken install.
-    missing = pytest.fail if sys.platform.startswith("linux") else pytest.skip
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.backends.nvidia import compiler  # noqa: F401
     except Exception as exc:  # pragma: no cover
-        missing(f"no NVIDIA Triton backend: {exc}")
+        triton_missing(f"no NVIDIA Triton backend: {exc}")
     env = dict(os.environ, TRITON_INTERPRET="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, cwd=root,
                          timeout=300)
     if res.returncode != 0 and "ptxas" in (res.stderr or "") and "not found" in res.stderr:
-        missing("ptxas unavailable")
+        triton_missing("ptxas unavailable")
     assert res.returncode == 0, res.stderr[-3000:]
 
 

@@ -168,13 +168,18 @@ def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Te
                 guard_ratio: float) -> int:
     """The node's `gemm` argument for this call: the faster GEMM path for its shapes (measured at the
     first call of each shape, see the module docstring), or -1 where there is nothing to choose (a
-    pinned choice, no micro-kernel here, not float32, inside torch.compile, inference mode (no
-    backward to time) or a dispatch mode (it would see, and count, the timing runs). A shape already
+    pinned choice, no micro-kernel here, not float32, inside torch.compile, deterministic algorithms
+    (checked first), inference mode (no backward to time) or a dispatch mode (it would see, and count,
+    the timing runs). A shape already
     decided returns its path without those checks: where they apply, the node ignores the argument (a
     pinned choice wins, a dispatch mode or another dtype runs ATen's GEMMs, torch.compile runs the
     Python node)."""
     global _MEMO_GEN, _sparse_exec
     if torch.compiler.is_compiling():
+        return -1
+    if torch.are_deterministic_algorithms_enabled():
+        # The two paths differ in the last bits, and a choice by timing could differ between two runs
+        # of the same seed: the process-wide path instead, also for shapes decided before the setting.
         return -1
     if _sparse_exec is None:
         from .. import sparse_exec as _se
@@ -194,10 +199,6 @@ def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Te
     if (ext is None or weight.dtype != torch.float32 or not hasattr(ext, "cpu_gemm_pinned")
             or torch.is_inference_mode_enabled() or ext.cpu_gemm_pinned()
             or not ext.cpu_ukernel_available() or torch._C._len_torch_dispatch_stack() > 0):
-        return -1
-    if torch.are_deterministic_algorithms_enabled():
-        # The two paths differ in the last bits, and a choice by timing could differ between two runs
-        # of the same seed: the process-wide path instead (not memoised: the setting can change).
         return -1
     if x2.shape[-1] != k:  # a wrong input: the node raises F.linear's error; nothing to time (or to
         return -1          # mark unmeasurable for the valid inputs of the same key)
