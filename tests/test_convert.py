@@ -10,6 +10,7 @@ from torch.nn.utils import parametrizations
 
 import rgkernels
 from conftest import cpu_gemm, cpu_gemms
+from test_flops import keep_thresholds, known_rows
 from test_masked_weight import _Step as Step  # S with H' for S' (DESIGN.md section 2)
 
 
@@ -316,18 +317,12 @@ def test_layer_stats_by_construction_every_layer_kind(kind, backend):
     them): keep ratio, entirely pruned rows, regenerations and the mask itself, on every layer kind."""
     make, shape = STATS_LAYERS[kind]
     layer = make()
-    layer.guard_ratio = None
-    rows, k = layer.mask_rows, layer.weight.numel() // layer.mask_rows
-    with torch.no_grad():
-        r = layer._to_rows(layer.weight)
-        vals = (torch.arange(k, dtype=torch.float32) + 1).div(k).view(r[0].shape)
-        signs = torch.where(torch.rand(r.shape) < 0.5, -1.0, 1.0)  # |w| is what counts
-        layer.weight.copy_(layer._from_rows(vals.expand_as(r) * signs))
+    rows, k = layer.mask_rows, known_rows(layer, signed=True)
     x = torch.randn(shape)
 
     def run(keep):
         with torch.no_grad():
-            layer.threshold.copy_(torch.tensor([(k - n + 0.5) / k for n in keep]))
+            layer.threshold.copy_(keep_thresholds(k, keep))
         with rgkernels.use_backend(backend):
             layer(x)
         want = layer._to_rows(layer.weight.detach()).flatten(1).abs() > layer.threshold.detach()[:, None]

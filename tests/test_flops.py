@@ -121,16 +121,30 @@ def test_layer_called_with_a_keyword_input():
     assert r.layers["up"].forward.dense == 2 * 5 * 4 * 2 * 2 * 2  # 5 input positions x 32 weights
 
 
-def _set_keep(layer, keep):
-    """Weights |w| = 1..K / K in every mask row (K entries per row) and thresholds that keep keep[i] of
-    row i: the active count is known by construction."""
+def known_rows(layer, signed=False):
+    """Weights |w| = 1..K / K in every mask row (K entries per row; random signs when `signed`), and no
+    collapse guard; returns K. keep_thresholds(K, keep) then keeps keep[i] entries of row i."""
     layer.guard_ratio = None
     with torch.no_grad():
         rows = layer._to_rows(layer.weight)
         k = rows[0].numel()
-        vals = (torch.arange(k, dtype=torch.float32) + 1).div(k).view(rows[0].shape)
-        layer.weight.copy_(layer._from_rows(vals.expand_as(rows).contiguous()))
-        layer.threshold.copy_(torch.tensor([(k - n + 0.5) / k for n in keep]))
+        vals = (torch.arange(k, dtype=torch.float32) + 1).div(k).view(rows[0].shape).expand_as(rows)
+        if signed:  # |w| is what counts
+            vals = vals * torch.where(torch.rand(rows.shape) < 0.5, -1.0, 1.0)
+        layer.weight.copy_(layer._from_rows(vals.contiguous()))
+    return k
+
+
+def keep_thresholds(k, keep):
+    """Thresholds between the known magnitudes of known_rows: row i keeps its keep[i] largest."""
+    return torch.tensor([(k - n + 0.5) / k for n in keep])
+
+
+def _set_keep(layer, keep):
+    """known_rows with thresholds that keep keep[i] of row i: the active count is known by construction."""
+    k = known_rows(layer)
+    with torch.no_grad():
+        layer.threshold.copy_(keep_thresholds(k, keep))
     return k
 
 
