@@ -173,6 +173,12 @@ def env(name: str) -> Optional[str]:
     return None if v is None else os.fsdecode(v)
 
 
+def reference_forced() -> bool:
+    """Whether the reference backend is asked for (use_backend("reference") or RGKERNELS_BACKEND): the
+    masked layers then also run the plain composition instead of their other CPU shortcuts."""
+    return (getattr(_state, "forced", None) or env("RGKERNELS_BACKEND")) == "reference"
+
+
 def cpu_kernels_chosen() -> bool:
     """`choose("cpu") == "cpu"`, cheaply in the common case (extension loaded, nothing forced): the
     masked layers ask once per forward."""

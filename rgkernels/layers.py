@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .ops import cpu_masked_linear
+from .ops import cpu_compact_conv, cpu_masked_linear
 from .ops.masked_weight import DEFAULT_GUARD_RATIO, _grad_mode_id, guard_value, masked_weight
+from . import _backend
 from .sparse_exec import default_execution
 
 # Per-forward caches: dropped on device/dtype moves and on pickling/deepcopy, rebuilt by the next forward.
@@ -241,7 +242,12 @@ class MaskedLayer:
             y = self._cpu_linear_forward(input, weight, **kw)
             if y is not None:
                 return y
-        return self._functional(input, self._masked_weight(weight), **kw)
+        w_hat = self._masked_weight(weight)
+        if input.is_cpu:
+            y = self._cpu_compact_forward(input, w_hat, **kw)
+            if y is not None:
+                return y
+        return self._functional(input, w_hat, **kw)
 
     def _cpu_linear_forward(self, input: Tensor, weight: Tensor, **kw) -> Optional[Tensor]:
         """The layer's output from the CPU masked-linear node where the layer is a linear layer on its
@@ -274,6 +280,23 @@ class MaskedLayer:
         return cpu_masked_linear.masked_linear_cpu(x2, w2, threshold, bias, gm, guard,
                                                    gemm=cpu_masked_linear.gemm_choice(x2, w2, threshold, bias, gm,
                                                                                       guard))
+
+    def _cpu_compact_forward(self, input: Tensor, w_hat: Tensor, **kw) -> Optional[Tensor]:
+        """A convolution's output with its entirely pruned output channels skipped where that pays
+        (rgkernels/ops/cpu_compact_conv.py), else None. Not under the forced reference backend, which
+        stays the plain composition that the fast paths are compared with."""
+        if not isinstance(self, nn.modules.conv._ConvNd) or _backend.reference_forced():
+            return None
+        counts = self.__dict__.get("last_counts")  # this forward's, from _masked_weight
+        conv = cpu_compact_conv.conv_args(self, input, kw.get("output_size"))
+        if counts is None or conv is None:
+            return None
+        out = cpu_compact_conv.compact_conv(input, w_hat, self._parameters.get("bias"), counts, conv)
+        if out is None:
+            return None
+        y, n_live = out
+        self._record_live(n_live, self.out_channels, self.in_channels, w_hat[0, 0].numel())
+        return y
 
     def _record_live(self, n_live: Tensor, cout: int, cin: int, khkw: int) -> None:
         """Entirely pruned GEMM rows were skipped: what count_flops reports as executed."""

@@ -4,7 +4,10 @@
                                         CPU BLAS) on W * M. On the CPU, linear layers (and convs with one
                                         output position) run it as one fused node with the masked-weight
                                         backward inside the blocked weight-gradient GEMM
-                                        (rgkernels/ops/cpu_masked_linear.py)
+                                        (rgkernels/ops/cpu_masked_linear.py); other CPU convs
+                                        skip the output channels of entirely pruned rows in the
+                                        forward and input gradient where that pays
+                                        (rgkernels/ops/cpu_compact_conv.py)
     layer.execution = "fused"           the Triton kernels: mask applied in the weight-load prologue of the
                                         forward and input-gradient GEMMs (W * M never written), the §2
                                         threshold / weight gradients and keep counts in the weight-gradient
@@ -42,7 +45,8 @@ Executed FLOPs: the fused kernels add what they multiply into a per-layer int64 
 fused forward records its live channel counts so that `rgkernels.count_flops` reports as `executed`
 what the kernels ran (2 * uses * live output channels * reduced input channels; the weight gradient over
 every output channel). Layers on the "masked_weight" path execute the dense figure, except where the CPU's
-one-node masked linear ran them (it records the rows it left out of its GEMMs the same way).
+one-node masked linear or compacted convolution ran them (they record the rows they left out of their
+GEMMs the same way).
 """
 from __future__ import annotations
 

@@ -1,0 +1,153 @@
+"""Convolutions on the CPU that skip their entirely pruned output channels (issue #4, 3c).
+
+`compact_conv(x, w_hat, bias, counts, conv)` = the convolution of `x` with the masked weight `w_hat`
+(conv2d or conv_transpose2d, groups 1), where the rows (output channels) with keep count 0 are left
+out of the GEMMs that they add nothing to:
+- forward: only the live output channels are convolved (W_hat's live rows gathered); a pruned
+  channel's output is its bias (or 0), written without a GEMM;
+- input gradient: only the live channels of dy, against the live rows (a pruned row of W_hat is 0);
+- weight gradient: every row, since dL/dW_hat of a pruned row is not 0 and its threshold gradient
+  needs it (DESIGN.md §2: the sum runs over all j, pruned or not); the bias gradient as usual.
+The layer's `masked_weight` node turns dL/dW_hat into the weight and threshold gradients as on every
+other path. The backward is written with differentiable ops, so create_graph (R1) works through it;
+there the input gradient runs over every row, since its own derivative reaches the pruned rows of W_hat.
+
+On the GPU the fused Triton kernels do this (rgkernels/sparse_exec.py); on the CPU the convolutions
+otherwise run masked_weight + oneDNN over all rows, and linear layers have their own node
+(cpu_masked_linear.py). Reference: F.conv2d / F.conv_transpose2d on the same W_hat, which the tests
+compare with in float64 for the output and every gradient.
+
+When it pays (`worth_compacting`): the gather of W_hat's live rows and the scatter of the output
+channels cost passes over W and y, and the Python node ~50 us; on the 2-core Intel Xeon VM of
+BENCHMARKS.md (session 10, forward + backward, paired against the dense conv over all rows), with
+half the rows pruned: 0.66x for 3x3 256->256 on 8x8 at batch 64 (2.4 G multiply-adds), 0.79x for
+128->128 (0.6 G), 0.86x for 64->64 on 16x16 at batch 16 (0.15 G), 0.93x at batch 4 (38 M), 1.36x for
+16->16 on 8x8 at batch 2; with a quarter pruned 0.87x / 0.95x for the first two, 0.99x at 0.15 G, 1.28x
+at 9 M; an eighth: 1.00x. Hence: half the rows dead from 30 M multiply-adds per thread, a quarter from
+300 M per thread, else the plain convolution.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# (share of entirely pruned rows, multiply-adds per thread of the dense forward from which it pays)
+COMPACT_FROM = ((0.5, 3e7), (0.25, 3e8))
+
+
+def worth_compacting(n_dead: int, cout: int, macs: float, threads: Optional[int] = None) -> bool:
+    """Whether skipping `n_dead` of `cout` output channels saves time (module docstring)."""
+    if n_dead <= 0 or cout <= 0:
+        return False
+    per_thread = macs / max(threads or torch.get_num_threads(), 1)
+    return any(n_dead >= share * cout and per_thread >= work for share, work in COMPACT_FROM)
+
+
+def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], conv: tuple) -> Tensor:
+    stride, padding, dilation, transposed, out_pad = conv
+    if transposed:
+        return F.conv_transpose2d(x, w, b, stride, padding, out_pad, 1, dilation)
+    return F.conv2d(x, w, b, stride, padding, dilation)
+
+
+class _CompactConv(torch.autograd.Function):
+    """y = conv(x, w_hat, bias) computed over the `live` output channels only (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, w_hat, bias, live, conv):
+        ch = 1 if conv[3] else 0  # output channels: dim 0 of a conv weight, dim 1 of a transposed conv's
+        w_live = w_hat.index_select(ch, live)
+        y_live = _conv(x, w_live, None if bias is None else bias.index_select(0, live), conv)
+        shape = list(y_live.shape)
+        shape[1] = w_hat.shape[ch]
+        fmt = torch.channels_last if (y_live.is_contiguous(memory_format=torch.channels_last)
+                                      and not y_live.is_contiguous()) else torch.contiguous_format
+        y = y_live.new_zeros(shape).contiguous(memory_format=fmt)
+        if bias is not None:  # a pruned channel's output is its bias
+            y.copy_(bias.view(1, -1, 1, 1).expand_as(y))
+        y.index_copy_(1, live, y_live)
+        ctx.save_for_backward(x, w_hat, live)
+        ctx.conv, ctx.has_bias = conv, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_hat, live = ctx.saved_tensors
+        stride, padding, dilation, transposed, out_pad = ctx.conv
+        conv_bwd = torch.ops.aten.convolution_backward
+        dx = g = db = None
+        if ctx.needs_input_grad[0] and torch.is_grad_enabled():
+            # create_graph (R1): dx's own derivative with respect to a pruned row of W_hat is not 0 (dx is
+            # linear in every row, zero or not), and the threshold gradient needs it: every row then
+            dx = conv_bwd(dy, x, w_hat, None, stride, padding, dilation, transposed, out_pad, 1,
+                          [True, False, False])[0]
+        elif ctx.needs_input_grad[0]:
+            w_live = w_hat.index_select(1 if transposed else 0, live)
+            dx = conv_bwd(dy.index_select(1, live), x, w_live, None, stride, padding, dilation, transposed,
+                          out_pad, 1, [True, False, False])[0]
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            bias_sizes = [w_hat.shape[1 if transposed else 0]] if ctx.has_bias else None
+            _, g, db = conv_bwd(dy, x, w_hat, bias_sizes, stride, padding, dilation, transposed, out_pad, 1,
+                                [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+        return dx, g, db, None, None
+
+
+def conv_args(layer, x: Tensor, output_size=None) -> Optional[tuple]:
+    """(stride, padding, dilation, transposed, output_padding) of a Conv2d / ConvTranspose2d layer as
+    lists of ints, or None where this path does not take the layer (groups, padding modes, string
+    padding other than "valid", inputs that are not 4-d batches)."""
+    if layer.groups != 1 or layer.padding_mode != "zeros" or x.dim() != 4:
+        return None
+    padding = layer.padding
+    if isinstance(padding, str):
+        if padding != "valid":
+            return None
+        padding = (0, 0)
+    transposed = bool(layer.transposed)
+    out_pad = (0, 0)
+    if transposed:  # nn.ConvTranspose2d's own rule (validates output_size)
+        out_pad = layer._output_padding(x, output_size, layer.stride, layer.padding, layer.kernel_size, 2,
+                                        layer.dilation)
+    return (list(layer.stride), list(padding), list(layer.dilation), transposed, list(out_pad))
+
+
+def compact_conv(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], counts: Tensor,
+                 conv: Sequence) -> Optional[Tuple[Tensor, Tensor]]:
+    """(y, [number of live channels]) with the pruned output channels skipped, or None where that
+    would not pay or does not apply (then the caller runs the plain convolution on `w_hat`).
+
+    `counts`: the keep counts of `w_hat`'s rows (CPU). Reading them here is no device sync: this path
+    takes CPU tensors only."""
+    if x.device.type != "cpu" or w_hat.device.type != "cpu" or counts.device.type != "cpu":
+        return None
+    if torch.compiler.is_compiling() or x.shape[0] == 0:
+        return None  # a data-dependent shape would break the graph; an empty batch has nothing to save
+    transposed = conv[3]
+    cout = w_hat.shape[1 if transposed else 0]
+    if counts.shape != (cout,):
+        return None
+    live = torch.nonzero(counts > 0).flatten()
+    n_live = live.numel()
+    if n_live == 0:
+        return None  # nothing to convolve: the plain convolution of a zero weight is already cheap enough
+    k = w_hat[0, 0].numel()
+    out_positions = _out_positions(x, w_hat, conv)
+    macs = float(x.shape[0]) * out_positions * cout * (w_hat.shape[0] if transposed else w_hat.shape[1]) * k
+    if not worth_compacting(cout - n_live, cout, macs):
+        return None
+    y = _CompactConv.apply(x, w_hat, bias, live, tuple(conv))
+    return y, torch.tensor([n_live], dtype=torch.int64)
+
+
+def _out_positions(x: Tensor, w_hat: Tensor, conv: Sequence) -> int:
+    """Output positions per image (for a transposed conv: input positions, each scattering a kernel)."""
+    stride, padding, dilation, transposed, _ = conv
+    if transposed:
+        return x.shape[2] * x.shape[3]
+    n = 1
+    for i in range(2):
+        n *= max((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w_hat.shape[2 + i] - 1) - 1) // stride[i] + 1, 0)
+    return n

@@ -1,0 +1,180 @@
+"""Convolutions on the CPU that skip their entirely pruned output channels (rgkernels/ops/cpu_compact_conv.py),
+against the float64 reference composition (reference masked weight, then the plain F.conv2d /
+F.conv_transpose2d over every channel): output, input / weight / threshold / bias gradients, double
+backward, executed FLOPs, and when the path is taken."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import rgkernels
+from rgkernels.ops import cpu_compact_conv as CC
+
+from test_masked_weight import rel_err
+from test_sparse_exec import _check_against_ref64, _prune, _ref64
+
+
+@pytest.fixture
+def always(monkeypatch):
+    """Compaction from one dead row on, whatever the size (the tests' shapes are far below the gate)."""
+    monkeypatch.setattr(CC, "COMPACT_FROM", ((0.01, 0.0),))
+
+
+CONVS = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, bias=False),
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1)),
+    dict(kernel_size=2, padding="valid"),
+]
+TRANSPOSED = [
+    dict(kernel_size=4, stride=2, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, output_padding=1, bias=False),
+    dict(kernel_size=(3, 2), stride=(1, 2), dilation=(2, 1)),
+]
+
+
+def _layer(cls, kw, cin=5, cout=7, dead=(1, 4, 5), dtype=torch.float32):
+    layer = cls(cin, cout, **kw)
+    # live rows keep ~70% of their weights; the dead rows' thresholds lie inside H''s support, so that
+    # their threshold gradient is not 0
+    _prune(layer, dead, hi=0.3 * layer.weight.detach().abs().max().item())
+    return layer.to(dtype)
+
+
+def _input(shape, layout, dtype):
+    if layout == "channels_last":
+        return torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other column of a wider tensor
+        n, c, h, w = shape
+        return torch.randn(n, c, h, 2 * w, dtype=dtype)[..., ::2]
+    return torch.randn(shape, dtype=dtype)
+
+
+def _run(layer, x):
+    x = x.detach().requires_grad_()
+    y = layer(x)
+    g = torch.randn(y.shape, dtype=y.dtype)
+    y.backward(g)
+    return x, y, g
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("cls,kw", [(rgkernels.MaskedConv2d, kw) for kw in CONVS]
+                         + [(rgkernels.MaskedConvTranspose2d, kw) for kw in TRANSPOSED])
+def test_matches_reference(always, cls, kw, layout):
+    layer = _layer(cls, kw)
+    r64 = _ref64(layer)
+    x, y, g = _run(layer, _input((3, 5, 9, 8), layout, torch.float32))
+    rec = layer._exec_record
+    assert rec is not None and int(rec["nlive"][0]) == 4, "the compacted path did not run"
+    dx64 = _check_against_ref64(r64, layer, x, g, y)
+    assert rel_err(x.grad, dx64) <= 1e-5
+    assert bool((layer.threshold.grad[[1, 4, 5]] != 0).all())  # the weight gradient covered the dead rows
+    if "bias" not in kw:  # a dead channel's output is its bias
+        torch.testing.assert_close(y[:, 4], layer.bias[4].detach().expand_as(y[:, 4]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("cls,kw", [(rgkernels.MaskedConv2d, CONVS[0]), (rgkernels.MaskedConvTranspose2d, TRANSPOSED[0])])
+def test_other_dtypes(always, cls, kw, dtype, tol):
+    layer = _layer(cls, kw, dtype=dtype)
+    r64 = _ref64(layer)
+    x, y, g = _run(layer, torch.randn(2, 5, 6, 7, dtype=dtype))
+    assert layer._exec_record is not None
+    dx64 = _check_against_ref64(r64, layer, x, g, y, tol=tol)
+    assert rel_err(x.grad, dx64) <= tol
+
+
+@pytest.mark.parametrize("cls,kw", [(rgkernels.MaskedConv2d, CONVS[2]), (rgkernels.MaskedConvTranspose2d, TRANSPOSED[0])])
+def test_double_backward(always, cls, kw):
+    """create_graph through the compacted node (R1-style penalty: |dD/dx|^2 differentiated again). With a
+    bias, a dead channel's output and so its dy are not 0: the penalty's gradient then reaches the dead
+    rows through dx, which the input gradient over live rows alone would miss."""
+    layer = _layer(cls, kw, dtype=torch.float64)
+    ref = copy.deepcopy(layer)
+    x0 = torch.randn(2, 5, 7, 6, dtype=torch.float64)
+    results = []
+    for model, backend in ((layer, None), (ref, "reference")):
+        x = x0.clone().requires_grad_()
+        with rgkernels.use_backend(backend):
+            y = model(x)
+            (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+            dx.square().sum().backward()
+        results.append([dx] + [p.grad for p in (model.weight, model.threshold, model.bias) if p is not None])
+    assert layer._exec_record is not None
+    for got, want in zip(*results):
+        assert rel_err(got, want) <= 1e-12
+    assert bool((layer.threshold.grad[[1, 4, 5]] != 0).all())
+
+
+def test_spectral_norm_and_grouped_masks(always):
+    """The effective weight of spectral norm is masked, its stored weight's gradient masked (§2), also when
+    the masked weights come from the trainer's grouped launch."""
+    torch.manual_seed(3)
+    model = rgkernels.sparsify(nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Conv2d(4, 6, 3, padding=1)),
+                                             nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1)))
+    for (_, m), dead in zip(rgkernels.masked_layers(model), ((0, 2, 3), (1, 4))):
+        _prune(m, dead)
+    r64 = _ref64(model)
+    x = torch.randn(2, 4, 6, 5, requires_grad=True)
+    with rgkernels.grouped_masks(model):
+        y = model(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert all(m._exec_record is not None for _, m in rgkernels.masked_layers(model))
+    _check_against_ref64(r64, model, x, g, y)
+    stored = model[0].parametrizations.weight.original
+    assert bool((stored.grad[[0, 2, 3]] == 0).all())
+
+
+def test_executed_flops(always):
+    """count_flops reports what ran: forward and input gradient over the live output channels only, the
+    weight gradient over all of them (analytic counts)."""
+    layer = _layer(rgkernels.MaskedConv2d, dict(kernel_size=3, stride=2, padding=1), dead=(0, 3, 6))
+    x = torch.randn(2, 5, 9, 8)
+    rep = rgkernels.count_flops(layer, x)
+    uses = 2 * 5 * 4  # batch x output positions (5 x 4)
+    live, k = 4, 5 * 9
+    assert rep.forward.executed == 2 * uses * live * k
+    assert rep.step.executed == 2 * uses * live * k * 2 + 2 * uses * 7 * k
+    assert rep.forward.dense == 2 * uses * 7 * k
+
+
+def test_when_it_runs(always, monkeypatch):
+    x = torch.randn(2, 5, 6, 6)
+    layer = _layer(rgkernels.MaskedConv2d, CONVS[0], dead=())
+    layer(x)
+    assert layer._exec_record is None  # nothing dead: the plain convolution
+    _prune(layer, dead=range(7))
+    layer.guard_ratio = None
+    y = layer(x)
+    assert layer._exec_record is None  # everything dead: nothing to convolve, the plain path
+    torch.testing.assert_close(y, layer.bias.detach().view(1, -1, 1, 1).expand_as(y), rtol=0, atol=0)
+    _prune(layer, dead=(2,))
+    with rgkernels.use_backend("reference"):
+        layer(x)
+    assert layer._exec_record is None  # the forced reference backend is the plain composition
+    assert layer(x[:0]).shape == (0, 7, 6, 6)  # empty batch
+    grouped = rgkernels.MaskedConv2d(4, 6, 3, groups=2)
+    _prune(grouped, dead=(1,))
+    grouped(torch.randn(1, 4, 5, 5))
+    assert grouped._exec_record is None  # groups: not taken
+    monkeypatch.setattr(CC, "COMPACT_FROM", ((0.5, 3e7),))
+    layer(x)
+    assert layer._exec_record is None  # 1 of 7 dead, tiny: below the gate
+
+
+def test_gate():
+    """Half the rows from 30 M multiply-adds per thread, a quarter from 300 M (measured, module docstring)."""
+    assert CC.worth_compacting(4, 8, 3e7, threads=1)
+    assert not CC.worth_compacting(3, 8, 3e7, threads=1)
+    assert not CC.worth_compacting(4, 8, 3e7, threads=2)
+    assert CC.worth_compacting(2, 8, 3e8, threads=1)
+    assert not CC.worth_compacting(1, 8, 1e12, threads=1)
+    assert not CC.worth_compacting(0, 8, 1e12, threads=1)
+    # a layer of SNGAN's generator at batch 64 (3x3 256->256 on 8x8: 2.4 G multiply-adds) with half its rows dead
+    layer = _layer(rgkernels.MaskedConv2d, dict(kernel_size=3, padding=1), cin=256, cout=256, dead=range(0, 256, 2))
+    with torch.no_grad():
+        layer(torch.randn(64, 256, 8, 8))
+    assert int(layer._exec_record["nlive"][0]) == 128
