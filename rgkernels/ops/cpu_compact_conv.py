@@ -69,13 +69,13 @@ class _CompactConv(torch.autograd.Function):
         if bias is not None:  # a pruned channel's output is its bias
             y.copy_(bias.view(1, -1, 1, 1).expand_as(y))
         y.index_copy_(1, live, y_live)
-        ctx.save_for_backward(x, w_hat, live)
+        ctx.save_for_backward(x, w_hat, w_live, live)  # w_live: not gathered twice (a pass over W)
         ctx.conv, ctx.has_bias = conv, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_hat, live = ctx.saved_tensors
+        x, w_hat, w_live, live = ctx.saved_tensors
         stride, padding, dilation, transposed, out_pad = ctx.conv
         conv_bwd = torch.ops.aten.convolution_backward
         dx = g = db = None
@@ -85,7 +85,6 @@ class _CompactConv(torch.autograd.Function):
             dx = conv_bwd(dy, x, w_hat, None, stride, padding, dilation, transposed, out_pad, 1,
                           [True, False, False])[0]
         elif ctx.needs_input_grad[0]:
-            w_live = w_hat.index_select(1 if transposed else 0, live)
             dx = conv_bwd(dy.index_select(1, live), x, w_live, None, stride, padding, dilation, transposed,
                           out_pad, 1, [True, False, False])[0]
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
