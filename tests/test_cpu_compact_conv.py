@@ -75,6 +75,19 @@ def test_matches_reference(always, cls, kw, layout):
         torch.testing.assert_close(y[:, 4], layer.bias[4].detach().expand_as(y[:, 4]), rtol=0, atol=0)
 
 
+def test_transposed_with_output_size(always):
+    """ConvTranspose2d's output_size picks the output padding per call; the compacted path follows it."""
+    layer = _layer(rgkernels.MaskedConvTranspose2d, dict(kernel_size=3, stride=2, padding=1))
+    r64 = _ref64(layer)
+    x = torch.randn(2, 5, 4, 5, requires_grad=True)
+    y = layer(x, output_size=[8, 10])  # output padding (1, 1)
+    assert y.shape == (2, 7, 8, 10) and layer._exec_record is not None
+    g = torch.randn_like(y)
+    y.backward(g)
+    dx64 = _check_against_ref64(r64, layer, x, g, y, output_size=[8, 10])
+    assert rel_err(x.grad, dx64) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("cls,kw", [(rgkernels.MaskedConv2d, CONVS[0]), (rgkernels.MaskedConvTranspose2d, TRANSPOSED[0])])
 def test_other_dtypes(always, cls, kw, dtype, tol):
