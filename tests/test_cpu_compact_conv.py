@@ -169,6 +169,11 @@ def test_when_it_runs(always, monkeypatch):
         layer(x)
     assert layer._exec_record is None  # the forced reference backend is the plain composition
     assert layer(x[:0]).shape == (0, 7, 6, 6)  # empty batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the plain path, whose casts autograd sees
+        y = layer(x.requires_grad_())
+    assert layer._exec_record is None and y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
     grouped = rgkernels.MaskedConv2d(4, 6, 3, groups=2)
     _prune(grouped, dead=(1,))
     grouped(torch.randn(1, 4, 5, 5))

@@ -124,6 +124,10 @@ def compact_conv(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], counts: Tenso
         return None
     if torch.compiler.is_compiling() or x.shape[0] == 0:
         return None  # a data-dependent shape would break the graph; an empty batch has nothing to save
+    if torch.is_autocast_enabled("cpu") or x.dtype != w_hat.dtype or (bias is not None and bias.dtype != w_hat.dtype):
+        # autocast's casts inside the node's forward would not be in the graph (its backward would get
+        # dy in another dtype than x and W_hat); mismatched dtypes get the plain convolution's own error
+        return None
     transposed = conv[3]
     cout = w_hat.shape[1 if transposed else 0]
     if counts.shape != (cout,):
