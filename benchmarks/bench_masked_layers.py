@@ -2,8 +2,9 @@
 
   dense      the nn layer (nn.Linear / nn.Conv2d / nn.ConvTranspose2d) with the same weights: the floor
   masked     the masked layer in sparse mode with execution="auto": on CPU the masked-weight path
-             (compiled CPU masked_weight kernel when built, then the CPU GEMM); on a GPU the path "auto"
-             measured for this shape (rgkernels/sparse_exec.py)
+             (compiled CPU masked_weight kernel when built, then the CPU GEMM; linear layers as one node,
+             convolutions without their entirely pruned output channels where that pays); on a GPU the
+             path "auto" measured for this shape (rgkernels/sparse_exec.py)
   eager      the masked layer on the reference backend (masked_weight as a chain of PyTorch ops)
   fused      (GPU) execution="fused": Triton, mask in the GEMM prologue, row compaction
   mw         (GPU) execution="masked_weight": fused masked-weight op + cuBLAS / cuDNN

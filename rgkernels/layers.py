@@ -258,7 +258,7 @@ class MaskedLayer:
         params = self._parameters
         flat = weight.dim() != 2  # a conv's [C_out, C_in, kh, kw] weight as [C_out, K] rows
         out = self._cpu_linear(x2, weight.reshape(weight.shape[0], -1) if flat else weight, params["threshold"],
-                               params.get("bias"))
+                               self._bias())
         if out is None:
             return None
         y, stats, counts, n_live = out
@@ -281,6 +281,13 @@ class MaskedLayer:
                                                    gemm=cpu_masked_linear.gemm_choice(x2, w2, threshold, bias, gm,
                                                                                       guard))
 
+    def _bias(self) -> Optional[Tensor]:
+        """The bias the layer computes with: the parameter, or what a parametrisation of it gives
+        (equalised learning rate, ...; then it is not in _parameters). The plain read first: this runs
+        in every forward, and nn.Module.__getattr__ costs about a microsecond."""
+        params = self._parameters
+        return params["bias"] if "bias" in params else self.bias
+
     def _cpu_compact_forward(self, input: Tensor, w_hat: Tensor, **kw) -> Optional[Tensor]:
         """A convolution's output with its entirely pruned output channels skipped where that pays
         (rgkernels/ops/cpu_compact_conv.py), else None. Not under the forced reference backend, which
@@ -291,7 +298,7 @@ class MaskedLayer:
         conv = cpu_compact_conv.conv_args(self, input, kw.get("output_size"))
         if counts is None or conv is None:
             return None
-        out = cpu_compact_conv.compact_conv(input, w_hat, self._parameters.get("bias"), counts, conv)
+        out = cpu_compact_conv.compact_conv(input, w_hat, self._bias(), counts, conv)
         if out is None:
             return None
         y, n_live = out
@@ -481,7 +488,7 @@ class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
         cin, cout, kh, kw = weight.shape
         k = kh * kw
         params = self._parameters
-        threshold, bias = params["threshold"], params.get("bias")
+        threshold, bias = params["threshold"], self._bias()
         t2 = threshold.repeat_interleave(k)
         out = self._cpu_linear(input.reshape(input.shape[0], cin), weight.reshape(cin, cout * k).t(), t2,
                                None if bias is None else bias.repeat_interleave(k))

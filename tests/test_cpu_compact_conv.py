@@ -1,7 +1,8 @@
 """Convolutions on the CPU that skip their entirely pruned output channels (rgkernels/ops/cpu_compact_conv.py),
 against the float64 reference composition (reference masked weight, then the plain F.conv2d /
 F.conv_transpose2d over every channel): output, input / weight / threshold / bias gradients, double
-backward, executed FLOPs, and when the path is taken."""
+backward, executed FLOPs, output layout, and when the path is taken. For every fast CPU path of the masked
+layers (this one and the linear node of cpu_masked_linear.py): a parametrised bias and forward-mode AD."""
 import copy
 
 import pytest
@@ -88,6 +89,71 @@ def test_transposed_with_output_size(always):
     assert rel_err(x.grad, dx64) <= 1e-5
 
 
+class _Scaled(nn.Module):
+    """A bias parametrisation (equalised learning rate style): the layer's bias is 2 * the stored one."""
+
+    def forward(self, b):
+        return 2.0 * b
+
+
+# every CPU path of the masked layers: the compacted conv (forced), and the linear node (a linear layer, a
+# conv with one output position, a transposed conv of a 1x1 map)
+CPU_PATHS = [
+    pytest.param(lambda: rgkernels.MaskedConv2d(5, 7, 3, padding=1), (2, 5, 6, 5), id="conv-compact"),
+    pytest.param(lambda: rgkernels.MaskedConvTranspose2d(5, 7, 3, stride=2), (2, 5, 3, 4), id="transposed-compact"),
+    pytest.param(lambda: rgkernels.MaskedLinear(5, 7), (3, 5), id="linear-node"),
+    pytest.param(lambda: rgkernels.MaskedConv2d(5, 7, 3), (2, 5, 3, 3), id="conv-one-position-node"),
+    pytest.param(lambda: rgkernels.MaskedConvTranspose2d(5, 7, 3), (2, 5, 1, 1), id="transposed-1x1-node"),
+]
+
+
+def _pruned(make):
+    layer = make()
+    _prune(layer, (1, 4, 5), hi=0.3 * layer.weight.detach().abs().max().item())
+    return layer
+
+
+@pytest.mark.parametrize("make,shape", CPU_PATHS)
+def test_parametrised_bias(always, make, shape):
+    """A reparametrised bias (not in _parameters) is the one the fast CPU paths add, and its stored
+    parameter gets its gradient."""
+    layer = _pruned(make)
+    torch.nn.utils.parametrize.register_parametrization(layer, "bias", _Scaled())
+    r64 = _ref64(layer)
+    x, y, g = _run(layer, torch.randn(shape))
+    dx64 = _check_against_ref64(r64, layer, x, g, y)
+    assert rel_err(x.grad, dx64) <= 1e-5
+    assert layer.parametrizations.bias.original.grad is not None
+
+
+@pytest.mark.parametrize("make,shape", CPU_PATHS)
+def test_forward_mode_ad(always, make, shape):
+    """A JVP with respect to the input (dual tensors) runs where the plain composition does, with its
+    tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    layer = _pruned(make)
+    x, v = torch.randn(shape), torch.randn(shape)
+    tangents = []
+    for backend in (None, "reference"):
+        with rgkernels.use_backend(backend), fwAD.dual_level():
+            tangents.append(fwAD.unpack_dual(layer(fwAD.make_dual(x, v))).tangent)
+    assert tangents[0] is not None
+    torch.testing.assert_close(tangents[0], tangents[1])
+
+
+@pytest.mark.parametrize("cls", [rgkernels.MaskedConv2d, rgkernels.MaskedConvTranspose2d])
+def test_output_layout_follows_the_input(always, cls):
+    """channels_last in, channels_last out, as the plain convolution does, also with a single live channel
+    (whose output alone is contiguous in both layouts)."""
+    layer = _layer(cls, dict(kernel_size=3, padding=1), dead=[i for i in range(7) if i != 2])
+    layer.guard_ratio = None  # 1 of 7 rows live may be under the collapse guard's keep ratio
+    x = torch.randn(2, 5, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = layer(x)
+    assert int(layer._exec_record["nlive"][0]) == 1
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("cls,kw", [(rgkernels.MaskedConv2d, CONVS[0]), (rgkernels.MaskedConvTranspose2d, TRANSPOSED[0])])
 def test_other_dtypes(always, cls, kw, dtype, tol):
@@ -141,13 +207,17 @@ def test_spectral_norm_and_grouped_masks(always):
     assert bool((stored.grad[[0, 2, 3]] == 0).all())
 
 
-def test_executed_flops(always):
+@pytest.mark.parametrize("cls,kw,uses", [
+    (rgkernels.MaskedConv2d, dict(kernel_size=3, stride=2, padding=1), 2 * 5 * 4),  # batch x output positions
+    (rgkernels.MaskedConvTranspose2d, dict(kernel_size=3, stride=2, padding=1), 2 * 9 * 8),  # x input positions
+])
+def test_executed_flops(always, cls, kw, uses):
     """count_flops reports what ran: forward and input gradient over the live output channels only, the
     weight gradient over all of them (analytic counts)."""
-    layer = _layer(rgkernels.MaskedConv2d, dict(kernel_size=3, stride=2, padding=1), dead=(0, 3, 6))
+    layer = _layer(cls, kw, dead=(0, 3, 6))
     x = torch.randn(2, 5, 9, 8)
     rep = rgkernels.count_flops(layer, x)
-    uses = 2 * 5 * 4  # batch x output positions (5 x 4)
+    assert int(layer._exec_record["nlive"][0]) == 4
     live, k = 4, 5 * 9
     assert rep.forward.executed == 2 * uses * live * k
     assert rep.step.executed == 2 * uses * live * k * 2 + 2 * uses * 7 * k
@@ -164,11 +234,13 @@ def test_when_it_runs(always, monkeypatch):
     y = layer(x)
     assert layer._exec_record is None  # everything dead: nothing to convolve, the plain path
     torch.testing.assert_close(y, layer.bias.detach().view(1, -1, 1, 1).expand_as(y), rtol=0, atol=0)
-    _prune(layer, dead=(2,))
+    _prune(layer, dead=(2,), hi=0.3 * layer.weight.detach().abs().max().item())
+    layer(x)
+    assert int(layer._exec_record["nlive"][0]) == 6  # one row dead exactly
     with rgkernels.use_backend("reference"):
         layer(x)
     assert layer._exec_record is None  # the forced reference backend is the plain composition
-    assert layer(x[:0]).shape == (0, 7, 6, 6)  # empty batch
+    assert layer(x[:0]).shape == (0, 7, 6, 6) and layer._exec_record is None  # empty batch: the plain path
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the plain path, whose casts autograd sees
         y = layer(x.requires_grad_())
     assert layer._exec_record is None and y.dtype == torch.bfloat16
@@ -178,9 +250,15 @@ def test_when_it_runs(always, monkeypatch):
     _prune(grouped, dead=(1,))
     grouped(torch.randn(1, 4, 5, 5))
     assert grouped._exec_record is None  # groups: not taken
-    monkeypatch.setattr(CC, "COMPACT_FROM", ((0.5, 3e7),))
+    monkeypatch.setattr(CC, "COMPACT_FROM", ((0.1, 0.0),))
     layer(x)
-    assert layer._exec_record is None  # 1 of 7 dead, tiny: below the gate
+    assert layer._exec_record is not None  # 1 of 7 dead: above a share of 0.1
+    monkeypatch.setattr(CC, "COMPACT_FROM", ((0.2, 0.0),))
+    layer(x)
+    assert layer._exec_record is None  # below a share of 0.2
+    monkeypatch.setattr(CC, "COMPACT_FROM", ((0.1, 3e7),))
+    layer(x)
+    assert layer._exec_record is None  # tiny: below the work gate
 
 
 def test_gate():

@@ -10,7 +10,13 @@ out of the GEMMs that they add nothing to:
   needs it (DESIGN.md §2: the sum runs over all j, pruned or not); the bias gradient as usual.
 The layer's `masked_weight` node turns dL/dW_hat into the weight and threshold gradients as on every
 other path. The backward is written with differentiable ops, so create_graph (R1) works through it;
-there the input gradient runs over every row, since its own derivative reaches the pruned rows of W_hat.
+there the input gradient runs over every row, since its own derivative reaches the pruned rows of W_hat
+(count_flops's executed step, which counts an ordinary step, then undercounts that input gradient).
+Not taken under CPU autocast or forward-mode AD (the plain convolution handles both).
+
+One difference from the plain convolution beyond rounding: a NaN or inf in the input does not reach the
+output channels of pruned rows (which hold the bias, not 0 * NaN), nor, through dy of those channels,
+the input gradient. The live channels propagate it as before.
 
 On the GPU the fused Triton kernels do this (rgkernels/sparse_exec.py); on the CPU the convolutions
 otherwise run masked_weight + oneDNN over all rows, and linear layers have their own node
@@ -33,6 +39,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 # (share of entirely pruned rows, multiply-adds per thread of the dense forward from which it pays)
 COMPACT_FROM = ((0.5, 3e7), (0.25, 3e8))
@@ -63,8 +70,9 @@ class _CompactConv(torch.autograd.Function):
         y_live = _conv(x, w_live, None if bias is None else bias.index_select(0, live), conv)
         shape = list(y_live.shape)
         shape[1] = w_hat.shape[ch]
-        fmt = torch.channels_last if (y_live.is_contiguous(memory_format=torch.channels_last)
-                                      and not y_live.is_contiguous()) else torch.contiguous_format
+        # the plain convolution's output layout: channels_last when its input or weight is (decided from
+        # them, since y_live with one channel is contiguous in both layouts)
+        fmt = torch.channels_last if _channels_last(x) or _channels_last(w_hat) else torch.contiguous_format
         y = y_live.new_zeros(shape).contiguous(memory_format=fmt)
         if bias is not None:  # a pruned channel's output is its bias
             y.copy_(bias.view(1, -1, 1, 1).expand_as(y))
@@ -92,6 +100,10 @@ class _CompactConv(torch.autograd.Function):
             _, g, db = conv_bwd(dy, x, w_hat, bias_sizes, stride, padding, dilation, transposed, out_pad, 1,
                                 [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
         return dx, g, db, None, None
+
+
+def _channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def conv_args(layer, x: Tensor, output_size=None) -> Optional[tuple]:
@@ -128,6 +140,8 @@ def compact_conv(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], counts: Tenso
         # autocast's casts inside the node's forward would not be in the graph (its backward would get
         # dy in another dtype than x and W_hat); mismatched dtypes get the plain convolution's own error
         return None
+    if forward_ad._current_level >= 0:
+        return None  # forward-mode AD (dual tensors): the node has no jvp, the plain convolution has
     transposed = conv[3]
     cout = w_hat.shape[1 if transposed else 0]
     if counts.shape != (cout,):

@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .. import _backend
 from . import masked_weight
@@ -41,7 +42,7 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def applies(x: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor]) -> bool:
     """Whether `masked_linear_cpu` can run this call: CPU tensors of one supported dtype, a float32
-    threshold, the compiled CPU backend chosen (not overridden), no CPU autocast."""
+    threshold, the compiled CPU backend chosen (not overridden), no CPU autocast, no forward-mode AD."""
     dt = weight.dtype
     if x.dtype != dt or dt not in _DTYPES or threshold.dtype != torch.float32 or weight.device.type != "cpu":
         return False
@@ -49,6 +50,8 @@ def applies(x: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor]
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
+    if forward_ad._current_level >= 0:
+        return False  # forward-mode AD (dual tensors): the C++ node has no jvp, the composition has
     return _backend.cpu_kernels_chosen()
 
 
