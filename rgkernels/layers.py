@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import _backend
 from .ops import cpu_compact_conv, cpu_masked_linear
 from .ops.masked_weight import DEFAULT_GUARD_RATIO, _grad_mode_id, guard_value, masked_weight
-from . import _backend
 from .sparse_exec import default_execution
 
 # Per-forward caches: dropped on device/dtype moves and on pickling/deepcopy, rebuilt by the next forward.

@@ -146,13 +146,14 @@ def compact_conv(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], counts: Tenso
     cout = w_hat.shape[1 if transposed else 0]
     if counts.shape != (cout,):
         return None
+    cin, k = (w_hat.shape[0] if transposed else w_hat.shape[1]), w_hat[0, 0].numel()
+    macs = float(x.shape[0]) * _out_positions(x, w_hat, conv) * cout * cin * k
+    if not worth_compacting(cout, cout, macs):
+        return None  # too small to pay even with every row dead: no look at the counts (most calls of small layers)
     live = torch.nonzero(counts > 0).flatten()
     n_live = live.numel()
     if n_live == 0:
         return None  # nothing to convolve: the plain convolution of a zero weight is already cheap enough
-    k = w_hat[0, 0].numel()
-    out_positions = _out_positions(x, w_hat, conv)
-    macs = float(x.shape[0]) * out_positions * cout * (w_hat.shape[0] if transposed else w_hat.shape[1]) * k
     if not worth_compacting(cout - n_live, cout, macs):
         return None
     y = _CompactConv.apply(x, w_hat, bias, live, tuple(conv))
