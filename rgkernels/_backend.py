@@ -130,11 +130,17 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 
 
 def _requested(explicit: Optional[str]) -> Optional[str]:
-    name = explicit or getattr(_state, "forced", None) or os.environ.get("RGKERNELS_BACKEND") or None
+    name = explicit or getattr(_state, "forced", None) or env("RGKERNELS_BACKEND") or None
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r} (from backend=, use_backend() or "
                          f"RGKERNELS_BACKEND); choose one of {BACKENDS}")
     return name
+
+
+# The automatic choice per device type, with the extension it was made with: it cannot change while
+# that stays loaded (CUDA's availability is fixed per process), and choose() runs in every masked
+# forward, where the availability checks (build_info, torch.cuda.is_available) cost microseconds.
+_auto_choice: Dict[str, Tuple[object, str]] = {}
 
 
 def choose(device_type: str, explicit: Optional[str] = None) -> str:
@@ -145,6 +151,15 @@ def choose(device_type: str, explicit: Optional[str] = None) -> str:
         if not ok:
             raise RuntimeError(f"rgkernels: backend {requested!r} cannot run {device_type} tensors: {why}")
         return requested
+    hit = _auto_choice.get(device_type)
+    if hit is not None and hit[0] is _ext:
+        return hit[1]
+    name = _choose_auto(device_type)
+    _auto_choice[device_type] = (_ext, name)
+    return name
+
+
+def _choose_auto(device_type: str) -> str:
     order = PREFERENCE.get(device_type, ("reference",))
     skipped: List[str] = []
     for name in order:

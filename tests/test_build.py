@@ -106,6 +106,19 @@ def test_env_override_and_bad_backend():
     assert r.returncode != 0 and "cannot run cpu tensors" in r.stderr
 
 
+def test_automatic_choice_is_kept_per_extension(monkeypatch):
+    """choose() keeps its automatic choice (it runs in every masked forward), but made afresh, with its
+    warning, when the extension it was made with is gone; and again once it is back."""
+    assert _backend.choose("cpu") == "cpu"
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_ext", None)
+    monkeypatch.setattr(_backend, "_ext_error", "unloaded by the test")
+    with pytest.warns(_backend.RGKernelsWarning, match="unloaded by the test"):
+        assert _backend.choose("cpu") == "reference"
+    monkeypatch.undo()
+    assert _backend.choose("cpu") == "cpu"
+
+
 def test_triton_reported_under_interpreter():
     info = _info(TRITON_INTERPRET="1")
     assert "triton" in info["ops"]["masked_weight"]["cpu"]["available"]
