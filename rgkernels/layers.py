@@ -302,7 +302,7 @@ class MaskedLayer:
         if out is None:
             return None
         y, n_live = out
-        self._record_live(n_live, self.out_channels, self.in_channels, w_hat[0, 0].numel())
+        self._record_live(n_live, self.out_channels, self.in_channels, w_hat.shape[2] * w_hat.shape[3])
         return y
 
     def _record_live(self, n_live: Tensor, cout: int, cin: int, khkw: int) -> None:

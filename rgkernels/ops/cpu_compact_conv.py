@@ -132,24 +132,24 @@ def compact_conv(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], counts: Tenso
 
     `counts`: the keep counts of `w_hat`'s rows (CPU). Reading them here is no device sync: this path
     takes CPU tensors only."""
+    # The size first, from shapes alone: most calls of small layers stop here (this runs in every CPU conv
+    # forward, so the cheap checks come first).
+    transposed = conv[3]
+    ws = w_hat.shape
+    cout, cin = (ws[1], ws[0]) if transposed else (ws[0], ws[1])
+    macs = float(x.shape[0]) * _out_positions(x, w_hat, conv) * cout * cin * ws[2] * ws[3]
+    if x.shape[0] == 0 or not worth_compacting(cout, cout, macs):
+        return None  # an empty batch, or too small to pay even with every row dead
     if x.device.type != "cpu" or w_hat.device.type != "cpu" or counts.device.type != "cpu":
         return None
-    if torch.compiler.is_compiling() or x.shape[0] == 0:
-        return None  # a data-dependent shape would break the graph; an empty batch has nothing to save
+    if counts.shape != (cout,) or torch.compiler.is_compiling():
+        return None  # a data-dependent shape would break a compiled graph
     if torch.is_autocast_enabled("cpu") or x.dtype != w_hat.dtype or (bias is not None and bias.dtype != w_hat.dtype):
         # autocast's casts inside the node's forward would not be in the graph (its backward would get
         # dy in another dtype than x and W_hat); mismatched dtypes get the plain convolution's own error
         return None
     if forward_ad._current_level >= 0:
         return None  # forward-mode AD (dual tensors): the node has no jvp, the plain convolution has
-    transposed = conv[3]
-    cout = w_hat.shape[1 if transposed else 0]
-    if counts.shape != (cout,):
-        return None
-    cin, k = (w_hat.shape[0] if transposed else w_hat.shape[1]), w_hat[0, 0].numel()
-    macs = float(x.shape[0]) * _out_positions(x, w_hat, conv) * cout * cin * k
-    if not worth_compacting(cout, cout, macs):
-        return None  # too small to pay even with every row dead: no look at the counts (most calls of small layers)
     live = torch.nonzero(counts > 0).flatten()
     n_live = live.numel()
     if n_live == 0:
