@@ -191,7 +191,7 @@ def env(name: str) -> Optional[str]:
 def reference_forced() -> bool:
     """Whether the reference backend is asked for (use_backend("reference") or RGKERNELS_BACKEND): the
     masked layers then also run the plain composition instead of their other CPU shortcuts."""
-    return (getattr(_state, "forced", None) or env("RGKERNELS_BACKEND")) == "reference"
+    return _requested(None) == "reference"
 
 
 def cpu_kernels_chosen() -> bool:

@@ -27,6 +27,7 @@ CONVS = [
     dict(kernel_size=3, stride=2, padding=1, bias=False),
     dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1)),
     dict(kernel_size=2, padding="valid"),
+    dict(kernel_size=(3, 5), padding="same", dilation=(1, 2)),
 ]
 TRANSPOSED = [
     dict(kernel_size=4, stride=2, padding=1),
@@ -250,6 +251,9 @@ def test_when_it_runs(always, monkeypatch):
     _prune(grouped, dead=(1,))
     grouped(torch.randn(1, 4, 5, 5))
     assert grouped._exec_record is None  # groups: not taken
+    uneven = _layer(rgkernels.MaskedConv2d, dict(kernel_size=2, padding="same"), dead=(1,))
+    uneven(torch.randn(1, 5, 5, 5))
+    assert uneven._exec_record is None  # asymmetric "same" padding: not taken
     monkeypatch.setattr(CC, "COMPACT_FROM", ((0.1, 0.0),))
     layer(x)
     assert layer._exec_record is not None  # 1 of 7 dead: above a share of 0.1

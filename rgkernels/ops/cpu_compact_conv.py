@@ -37,9 +37,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
+
+from .. import sparse_exec
 
 # (share of entirely pruned rows, multiply-adds per thread of the dense forward from which it pays)
 COMPACT_FROM = ((0.5, 3e7), (0.25, 3e8))
@@ -54,10 +55,7 @@ def worth_compacting(n_dead: int, cout: int, macs: float, threads: Optional[int]
 
 
 def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], conv: tuple) -> Tensor:
-    stride, padding, dilation, transposed, out_pad = conv
-    if transposed:
-        return F.conv_transpose2d(x, w, b, stride, padding, out_pad, 1, dilation)
-    return F.conv2d(x, w, b, stride, padding, dilation)
+    return sparse_exec._layer_fn("conv_transpose" if conv[3] else "conv", conv)(x, w, b)
 
 
 class _CompactConv(torch.autograd.Function):
@@ -108,21 +106,11 @@ def _channels_last(t: Tensor) -> bool:
 
 def conv_args(layer, x: Tensor, output_size=None) -> Optional[tuple]:
     """(stride, padding, dilation, transposed, output_padding) of a Conv2d / ConvTranspose2d layer as
-    lists of ints, or None where this path does not take the layer (groups, padding modes, string
-    padding other than "valid", inputs that are not 4-d batches)."""
-    if layer.groups != 1 or layer.padding_mode != "zeros" or x.dim() != 4:
+    the fused path takes them (sparse_exec._conv_args), or None where this path does not take the layer
+    (groups, padding modes, asymmetric "same" padding, inputs that are not 4-d batches)."""
+    if layer.groups != 1 or layer.padding_mode != "zeros" or x.dim() != 4 or sparse_exec._conv_padding(layer) is None:
         return None
-    padding = layer.padding
-    if isinstance(padding, str):
-        if padding != "valid":
-            return None
-        padding = (0, 0)
-    transposed = bool(layer.transposed)
-    out_pad = (0, 0)
-    if transposed:  # nn.ConvTranspose2d's own rule (validates output_size)
-        out_pad = layer._output_padding(x, output_size, layer.stride, layer.padding, layer.kernel_size, 2,
-                                        layer.dilation)
-    return (list(layer.stride), list(padding), list(layer.dilation), transposed, list(out_pad))
+    return sparse_exec._conv_args(layer, x, output_size)
 
 
 def compact_conv(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], counts: Tensor,
