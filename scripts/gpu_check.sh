@@ -4,17 +4,20 @@
 #   bash scripts/gpu_check.sh build      pip install --no-build-isolation --no-deps -e . (sm_90), info
 #   bash scripts/gpu_check.sh test       the tests that run on the device (op tests -m gpu, Triton layers)
 #   bash scripts/gpu_check.sh sanitize   compute-sanitizer memcheck + racecheck over the CUDA backend's op tests
+#   bash scripts/gpu_check.sh train      the trainer on the device (tests/test_training_devices.py -m gpu):
+#                                        losses and gradients of each execution path against float64 on
+#                                        the CPU, training iterations, checkpoint, resume on the CPU
 #   bash scripts/gpu_check.sh bench [K]  all GPU benchmarks (or those matching -k K) to a JSON file
 #   bash scripts/gpu_check.sh targets [M] the masked-layer cases the #4 GPU targets need (keep 1.0 step,
 #                                        50% rows fwd_dgrad, their dense baselines), for model M
 #                                        (sngan32, stylegan2_256, fastgan256; default all)
-#   bash scripts/gpu_check.sh all [S]    build, test, targets per model, sanitize, in that order, within
+#   bash scripts/gpu_check.sh all [S]    build, test, targets per model, sanitize, train, in that order, within
 #                                        S seconds (default 330): a step that would start with less than
 #                                        30 s left is skipped and one that overruns is interrupted, so one
 #                                        device call brings back whatever finished (rerun the rest after)
 #
 # Results go to $OUT when set (the device tool copies that folder back, at most 8 files: `all` writes
-# 7), else benchmarks/results/. Each step fits the device tool's 10-minute limit; `build` must have
+# 8), else benchmarks/results/. Each step fits the device tool's 10-minute limit; `build` must have
 # run in the same machine lease (a fresh machine starts bare). The lent machine has no clean-fid, so
 # the test steps name the files that hold device tests instead of collecting all of tests/ (one
 # module that imports it fails collection, and pytest then runs nothing). The file names carry the
@@ -56,6 +59,10 @@ case "${1:-}" in
         2>&1 | tee -a "$DEST/${tag}_sanitizer.txt" | tail -5
     done
     ;;
+  train)
+    "$PY" -m pytest -m gpu tests/test_training_devices.py -q -p no:cacheprovider "${XDIST[@]}" 2>&1 \
+      | tee "$DEST/${tag}_gpu_training.txt" | tail -15
+    ;;
   bench)
     filter=${2:-cuda}
     "$PY" -m pytest benchmarks -k "$filter" --benchmark-only -q -p no:cacheprovider \
@@ -90,6 +97,7 @@ case "${1:-}" in
     step test test
     for m in sngan32 stylegan2_256 fastgan256; do step "targets $m" targets "$m"; done
     step sanitize sanitize
+    step train train
     ;;
   *)
     sed -n 2,20p "$0"
