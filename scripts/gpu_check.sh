@@ -6,7 +6,8 @@
 #   bash scripts/gpu_check.sh sanitize   compute-sanitizer memcheck + racecheck over the CUDA backend's op tests
 #   bash scripts/gpu_check.sh train      the trainer on the device (tests/test_training_devices.py -m gpu):
 #                                        losses and gradients of each execution path against float64 on
-#                                        the CPU, training iterations, checkpoint, resume on the CPU
+#                                        the CPU, training iterations, checkpoint, resume on the CPU (no
+#                                        clean-fid needed: the loop's evaluations are not run)
 #   bash scripts/gpu_check.sh bench [K]  all GPU benchmarks (or those matching -k K) to a JSON file
 #   bash scripts/gpu_check.sh targets [M] the masked-layer cases the #4 GPU targets need (keep 1.0 step,
 #                                        50% rows fwd_dgrad, their dense baselines), for model M

@@ -193,6 +193,21 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(v, c.G_ema.state_dict()[k]), k
 
 
+def test_checkpoint_of_iterations_run_by_hand_resumes_into_the_loop(tmp_path):
+    """save_checkpoint() before train() (iterations run by hand, as a library user may): the resumed run has
+    the same state, and its train() sets up the schedule (initial evaluation, then every eval_kimg)."""
+    a = make_run(tmp_path, "a", kimg=0.048, tensorboard=True)
+    a.train_iteration()
+    a.save_checkpoint()
+    b = make_run(tmp_path, "a", resume=True, kimg=0.048, tensorboard=True)
+    for k, v in a.G.state_dict().items():
+        assert torch.equal(v, b.G.state_dict()[k]), k
+    assert b.counters["step"] == 1 and b.counters["real_images"] == 16
+    summary = b.train()
+    assert summary["steps"] == 3
+    assert [r["real_images"] for r in read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))] == [16, 32, 48]
+
+
 def test_ar_switch_in_training(tmp_path):
     run = make_run(tmp_path, kimg=0.032, eval_at_start=False)
     for f in (10.0, 9.0, 8.0, 7.0):

@@ -176,7 +176,7 @@ class TrainingRun:
         # TensorBoard shows no steps twice (its global step is real_images).
         purge = None
         if self.resumed:
-            purge = self.counters["real_images"] + (1 if self._next["started"] else 0)
+            purge = self.counters["real_images"] + (1 if self._next and self._next["started"] else 0)
         elif self._restarted:
             purge = 0
         return SummaryWriter(self.run_dir, purge_step=purge)
@@ -334,7 +334,9 @@ class TrainingRun:
             "G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
             "opt_G": self.opts["G"].state_dict(), "opt_D": self.opts["D"].state_dict(),
             "controller": self.controller.state_dict(), "stream": self.stream.state_dict(),
-            "flops": self.flops.state_dict(), "counters": counters, "next": dict(self._next),
+            "flops": self.flops.state_dict(), "counters": counters,
+            # None: saved before train() set up its schedule (iterations run by hand); train() sets it up
+            "next": None if self._next is None else dict(self._next),
             "last_scores": self.last_scores, "rng": checkpoint.rng_state(), "config": self.cfg.to_dict(),
             # rows the logs have now: a resume from this checkpoint drops any written after it
             "log_rows": {name: count_rows(os.path.join(self.run_dir, name)) for name in LOGS},
@@ -369,7 +371,7 @@ class TrainingRun:
         for n, masks in s.get("stats_masks", {}).items():
             rgkernels.load_stats_state(self.nets[n], masks)
         self.counters.update(s["counters"])
-        self._next = dict(s["next"])
+        self._next = None if s["next"] is None else dict(s["next"])
         self.last_scores = s.get("last_scores", {})
         checkpoint.set_rng_state(s["rng"])
 
