@@ -101,7 +101,7 @@ case "${1:-}" in
     step train train
     ;;
   *)
-    sed -n 2,20p "$0"
+    sed -n "2,/^set -euo/p" "$0" | grep "^#"
     exit 2
     ;;
 esac
