@@ -217,7 +217,10 @@ def test_masked_layer_cpu_ratio(benchmark, case, sparsity):
     benchmark.extra_info.update(model=case[0], layer=case[1], device="cpu", sparsity=sparsity, weight=list(case[3]),
                                 input=list(case[4]), threads=torch.get_num_threads(), dtype=str(DTYPE),
                                 dense_median_s=med["dense"], masked_median_s=med["masked"],
-                                ratio=med["masked"] / med["dense"], rounds=len(times["dense"]), clock=clock_name)
+                                ratio=med["masked"] / med["dense"], rounds=len(times["dense"]), clock=clock_name,
+                                # whether the masked layer's GEMMs left its entirely pruned rows out (the CPU
+                                # linear node, the compacted convolution: both decide per shape and share)
+                                rows_skipped=masked._exec_record is not None)
 
 
 def _gemm_path_params():

@@ -186,7 +186,7 @@ _GENERATION = 0  # see decisions_generation
 _CACHE_PATH: Optional[str] = None
 _CACHE_LOADED: Optional[str] = None
 RECHECK_EVERY = 64  # forwards between two (asynchronous) looks at the share of entirely pruned rows
-HYSTERESIS = 0.97  # "fused" must beat "masked_weight" by 3% to be chosen
+HYSTERESIS = 0.97  # a path must beat the default ("masked_weight", ...) by 3% to be chosen
 
 
 def set_decision_cache(path: Optional[str]) -> None:
@@ -218,7 +218,8 @@ def _load_disk() -> None:
                                                  f"({type(exc).__name__}); measuring again")
         return
     for k, v in data.get("decisions", {}).items():
-        if v in ("masked_weight", "fused", "aten", "ukernel"):  # layer paths; CPU GEMM paths (cpu_masked_linear)
+        # layer paths; CPU GEMM paths (cpu_masked_linear); CPU conv compaction (cpu_compact_conv)
+        if v in ("masked_weight", "fused", "aten", "ukernel", "compact", "plain"):
             _DECISIONS.setdefault(k, v)
 
 
@@ -278,11 +279,12 @@ def decisions_generation() -> int:
 
 
 def decide(key: str, candidates: Dict[str, Callable[[], None]], timer: Optional[Callable] = None,
-           timer_all: Optional[Callable] = None) -> str:
+           timer_all: Optional[Callable] = None, incumbent: str = "masked_weight") -> str:
     """The cached decision for `key`, or the fastest of `candidates` (name -> a closure running one
     forward + backward), timed once with `timer(fn) -> seconds` per candidate, or with
     `timer_all(candidates) -> {name: seconds}` (all of them in one go, e.g. interleaved), and cached.
-    "fused" must beat "masked_weight" by HYSTERESIS."""
+    Another candidate must beat the `incumbent` (when it is one of them: "masked_weight" against "fused")
+    by HYSTERESIS, so that a timing within the noise keeps the default."""
     with _LOCK:
         _load_disk()
         hit = _DECISIONS.get(key)
@@ -294,8 +296,8 @@ def decide(key: str, candidates: Dict[str, Callable[[], None]], timer: Optional[
         timer = timer or _cuda_time
         times = {name: timer(fn) for name, fn in candidates.items()}
     best = min(times, key=times.get)
-    if best == "fused" and "masked_weight" in times and times["fused"] > HYSTERESIS * times["masked_weight"]:
-        best = "masked_weight"
+    if best != incumbent and incumbent in times and times[best] > HYSTERESIS * times[incumbent]:
+        best = incumbent
     with _LOCK:
         _DECISIONS[key] = best
         _save_disk()

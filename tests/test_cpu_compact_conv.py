@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 import rgkernels
+from rgkernels import sparse_exec as SE
 from rgkernels.ops import cpu_compact_conv as CC
+from rgkernels.ops import cpu_masked_linear as CPL
 
 from test_masked_weight import rel_err
 from test_sparse_exec import _check_against_ref64, _prune, _ref64
@@ -19,7 +21,7 @@ from test_sparse_exec import _check_against_ref64, _prune, _ref64
 @pytest.fixture
 def always(monkeypatch):
     """Compaction from one dead row on, whatever the size (the tests' shapes are far below the gate)."""
-    monkeypatch.setattr(CC, "COMPACT_FROM", ((0.01, 0.0),))
+    monkeypatch.setattr(CC, "_FORCED", True)
 
 
 CONVS = [
@@ -225,7 +227,7 @@ def test_executed_flops(always, cls, kw, uses):
     assert rep.forward.dense == 2 * uses * 7 * k
 
 
-def test_when_it_runs(always, monkeypatch):
+def test_when_it_runs(always, monkeypatch, fresh_decisions):
     x = torch.randn(2, 5, 6, 6)
     layer = _layer(rgkernels.MaskedConv2d, CONVS[0], dead=())
     layer(x)
@@ -254,27 +256,149 @@ def test_when_it_runs(always, monkeypatch):
     uneven = _layer(rgkernels.MaskedConv2d, dict(kernel_size=2, padding="same"), dead=(1,))
     uneven(torch.randn(1, 5, 5, 5))
     assert uneven._exec_record is None  # asymmetric "same" padding: not taken
-    monkeypatch.setattr(CC, "COMPACT_FROM", ((0.1, 0.0),))
+    # Not forced: measured from TRY_FROM on (here the measurement always finds compaction faster)
+    monkeypatch.setattr(CC, "_FORCED", None)
+    monkeypatch.setattr(CPL, "_cpu_times", lambda cands: {name: 1.0 if name == "compact" else 2.0 for name in cands})
+    monkeypatch.setattr(CC, "TRY_FROM", (0.1, 0.0))
     layer(x)
     assert layer._exec_record is not None  # 1 of 7 dead: above a share of 0.1
-    monkeypatch.setattr(CC, "COMPACT_FROM", ((0.2, 0.0),))
+    monkeypatch.setattr(CC, "TRY_FROM", (0.2, 0.0))
     layer(x)
     assert layer._exec_record is None  # below a share of 0.2
-    monkeypatch.setattr(CC, "COMPACT_FROM", ((0.1, 3e7),))
+    monkeypatch.setattr(CC, "TRY_FROM", (0.1, 3e7))
     layer(x)
     assert layer._exec_record is None  # tiny: below the work gate
 
 
+@pytest.fixture
+def fresh_decisions():
+    """No decision of another test, and none of this one's (fake timings) left for the next."""
+    SE.clear_decisions()
+    yield
+    SE.set_decision_cache(None)
+    SE.clear_decisions()
+
+
+def _fake_times(winner):
+    def times(cands):
+        assert set(cands) == {"compact", "plain"}
+        return {name: 1.0 if name == winner else 2.0 for name in cands}
+    return times
+
+
+def _never(cands):
+    pytest.fail("measured again")
+
+
+def test_measured_choice_is_kept_per_signature_and_share(monkeypatch, tmp_path, fresh_decisions):
+    monkeypatch.setattr(CC, "TRY_FROM", (0.1, 0.0))  # the tiny test layer is worth trying
+    SE.set_decision_cache(str(tmp_path / "decisions.json"))
+    x = torch.randn(2, 5, 6, 6)
+    layer = _layer(rgkernels.MaskedConv2d, CONVS[0], dead=(1, 4, 5))
+    monkeypatch.setattr(CPL, "_cpu_times", _fake_times("plain"))
+    layer(x).sum().backward()
+    assert layer._exec_record is None  # measured slower: the plain convolution
+    [(key, choice)] = [(k, v) for k, v in SE.decisions().items() if k.startswith("cpu_compact_conv|")]
+    assert choice == "plain" and "|dead3/8|" in key and "|grad011|" in key and "|w(7, 5, 3, 3)|" in key
+    monkeypatch.setattr(CPL, "_cpu_times", _never)
+    layer(x).sum().backward()  # the same signature: the kept decision
+    assert layer._exec_record is None
+    with torch.no_grad():  # no backward follows: another signature, measured on its own
+        monkeypatch.setattr(CPL, "_cpu_times", _fake_times("compact"))
+        layer(x)
+        assert int(layer._exec_record["nlive"][0]) == 4
+    _prune(layer, dead=(0, 1, 2, 3, 4), hi=0.3 * layer.weight.detach().abs().max().item())  # 5 of 7: 6/8
+    layer(x).sum().backward()
+    assert int(layer._exec_record["nlive"][0]) == 2
+    # kept on disk (with a training run: its kernel-decision file), read back after the memory is cleared
+    SE.clear_decisions()
+    monkeypatch.setattr(CPL, "_cpu_times", _never)
+    layer(x).sum().backward()
+    assert int(layer._exec_record["nlive"][0]) == 2
+    assert sorted(v for k, v in SE.decisions().items() if k.startswith("cpu_compact_conv|")) == \
+        ["compact", "compact", "plain"]
+
+
+def test_measurement_runs_on_copies(monkeypatch, fresh_decisions):
+    """A real measurement (no timing asserted): the layer's output and gradients are those of a call that
+    measures nothing, and the global random generator is untouched (training stays reproducible)."""
+    monkeypatch.setattr(CC, "TRY_FROM", (0.1, 0.0))
+    x = torch.randn(2, 5, 6, 6)
+    layer = _layer(rgkernels.MaskedConv2d, CONVS[0], dead=(1, 4, 5))
+    twin = copy.deepcopy(layer)
+    state = torch.get_rng_state()
+    xa = x.clone().requires_grad_()
+    ya = layer(xa)
+    assert torch.equal(torch.get_rng_state(), state)
+    ya.sum().backward()
+    [choice] = [v for k, v in SE.decisions().items() if k.startswith("cpu_compact_conv|")]
+    assert choice in ("compact", "plain")
+    monkeypatch.setattr(CC, "_FORCED", choice == "compact")  # the same way, without measuring
+    xb = x.clone().requires_grad_()
+    yb = twin(xb)
+    yb.sum().backward()
+    assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
+    for pa, pb in zip(layer.parameters(), twin.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+
+
+@pytest.mark.parametrize("rule", ["plain", "compact"])
+def test_the_rule_stays_unless_the_other_way_is_3_percent_faster(monkeypatch, fresh_decisions, rule):
+    monkeypatch.setattr(CC, "TRY_FROM", (0.1, 0.0))
+    if rule == "compact":
+        monkeypatch.setattr(CC, "COMPACT_FROM", ((0.1, 0.0),))
+    other = "plain" if rule == "compact" else "compact"
+    layer = _layer(rgkernels.MaskedConv2d, CONVS[0], dead=(1, 4, 5))
+    x = torch.randn(2, 5, 6, 6)
+    for other_time, want in ((0.98, rule), (0.96, other)):
+        SE.clear_decisions()
+        monkeypatch.setattr(CPL, "_cpu_times", lambda cands: {rule: 1.0, other: other_time})
+        layer(x)
+        assert (layer._exec_record is not None) == (want == "compact"), other_time
+
+
+def test_a_measurement_that_fails_warns_and_takes_the_rule(monkeypatch, fresh_decisions):
+    def fail(cands):
+        raise RuntimeError("cannot time this\nsecond line")
+
+    monkeypatch.setattr(CC, "TRY_FROM", (0.1, 0.0))
+    monkeypatch.setattr(CPL, "_cpu_times", fail)
+    layer = _layer(rgkernels.MaskedConv2d, CONVS[0], dead=(1, 4, 5))
+    x = torch.randn(2, 5, 6, 6)
+    with pytest.warns(rgkernels.RGKernelsWarning, match="cannot time the compacted CPU convolution.*cannot time this"):
+        y = layer(x)
+    assert layer._exec_record is None  # the rule: far too small
+    monkeypatch.setattr(CPL, "_cpu_times", _never)  # not retried
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+
+
+def test_deterministic_algorithms_take_the_rule_without_measuring(monkeypatch, fresh_decisions):
+    """A timing could make two runs of one seed differ in the last bits: the measured rule instead."""
+    monkeypatch.setattr(CPL, "_cpu_times", _never)
+    layer = _layer(rgkernels.MaskedConv2d, dict(kernel_size=3, padding=1), cin=64, cout=64)
+    x = torch.randn(4, 64, 16, 16)  # 38 M multiply-adds: measured from half the rows dead on one thread
+    torch.use_deterministic_algorithms(True)
+    try:
+        for dead, want in ((range(0, 64, 2), 30e6 * torch.get_num_threads() <= 37.7e6), (range(0, 64, 4), False)):
+            _prune(layer, dead=dead, hi=0.3 * layer.weight.detach().abs().max().item())
+            with torch.no_grad():
+                layer(x)
+            assert (layer._exec_record is not None) == want
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not [k for k in SE.decisions() if k.startswith("cpu_compact_conv|")]
+
+
 def test_gate():
-    """Half the rows from 30 M multiply-adds per thread, a quarter from 300 M (measured, module docstring)."""
+    """The rule where nothing is measured: half the rows from 30 M multiply-adds per thread, a quarter from
+    300 M (module docstring); measured from a quarter and 10 M."""
     assert CC.worth_compacting(4, 8, 3e7, threads=1)
     assert not CC.worth_compacting(3, 8, 3e7, threads=1)
     assert not CC.worth_compacting(4, 8, 3e7, threads=2)
     assert CC.worth_compacting(2, 8, 3e8, threads=1)
     assert not CC.worth_compacting(1, 8, 1e12, threads=1)
     assert not CC.worth_compacting(0, 8, 1e12, threads=1)
-    # a layer of SNGAN's generator at batch 64 (3x3 256->256 on 8x8: 2.4 G multiply-adds) with half its rows dead
-    layer = _layer(rgkernels.MaskedConv2d, dict(kernel_size=3, padding=1), cin=256, cout=256, dead=range(0, 256, 2))
-    with torch.no_grad():
-        layer(torch.randn(64, 256, 8, 8))
-    assert int(layer._exec_record["nlive"][0]) == 128
+    assert CC.worth_trying(2, 8, 1e7, threads=1)
+    assert not CC.worth_trying(1, 8, 1e12, threads=1)
+    assert not CC.worth_trying(2, 8, 1e7, threads=2)
+    assert not CC.worth_trying(0, 8, 1e12, threads=1)

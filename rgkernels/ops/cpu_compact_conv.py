@@ -23,27 +23,43 @@ otherwise run masked_weight + oneDNN over all rows, and linear layers have their
 (cpu_masked_linear.py). Reference: F.conv2d / F.conv_transpose2d on the same W_hat, which the tests
 compare with in float64 for the output and every gradient.
 
-When it pays (`worth_compacting`): the gather of W_hat's live rows and the scatter of the output
-channels cost passes over W and y, and the Python node ~50 us; on the 2-core Intel Xeon VM of
-BENCHMARKS.md (session 10, forward + backward, paired against the dense conv over all rows), with
-half the rows pruned: 0.66x for 3x3 256->256 on 8x8 at batch 64 (2.4 G multiply-adds), 0.79x for
-128->128 (0.6 G), 0.86x for 64->64 on 16x16 at batch 16 (0.15 G), 0.93x at batch 4 (38 M), 1.36x for
-16->16 on 8x8 at batch 2; with a quarter pruned 0.87x / 0.95x for the first two, 0.99x at 0.15 G, 1.28x
-at 9 M; an eighth: 1.00x. Hence: half the rows dead from 30 M multiply-adds per thread, a quarter from
-300 M per thread, else the plain convolution.
+When it pays: the gather of W_hat's live rows and the scatter of the output channels cost passes over
+W and y, and the Python node ~50 us; on the 2-core Intel Xeon VM of BENCHMARKS.md (session 10, forward
++ backward, paired against the dense conv over all rows), with half the rows pruned: 0.66x for 3x3
+256->256 on 8x8 at batch 64 (2.4 G multiply-adds), 0.79x for 128->128 (0.6 G), 0.86x for 64->64 on
+16x16 at batch 16 (0.15 G), 0.93x at batch 4 (38 M), 1.36x for 16->16 on 8x8 at batch 2; with a
+quarter pruned 0.87x / 0.95x for the first two, 0.99x at 0.15 G, 1.28x at 9 M; an eighth: 1.00x.
+So a call is considered from a quarter of the rows dead and 10 M multiply-adds per thread (`TRY_FROM`;
+below that it never paid), and then measured (`_choose`): at the first call of each layer shape,
+convolution geometry, dtype, gradients needed, share of dead rows in eighths and thread count, one
+forward (+ backward where one follows) of each way on copies, in rotated rounds (cpu_masked_linear's
+`_cpu_times`), and the faster one is kept in sparse_exec's decisions ("compact" / "plain": in memory,
+in the disk cache when one is set, and with each training run). The rule measured above
+(`worth_compacting`: half the rows from 30 M multiply-adds per thread, a quarter from 300 M) is the
+default that the other way must beat by 3% (sparse_exec.HYSTERESIS: on this VM two ways within a few
+percent of each other swap places from one timing to the next), and decides alone where a timing could
+make two runs of one seed differ or cannot run (deterministic algorithms, a dispatch mode, inference
+mode).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .. import sparse_exec
+from .. import _backend, sparse_exec
 
-# (share of entirely pruned rows, multiply-adds per thread of the dense forward from which it pays)
+# (share of entirely pruned rows, multiply-adds per thread of the dense forward from which it pays):
+# the rule where nothing is measured
 COMPACT_FROM = ((0.5, 3e7), (0.25, 3e8))
+# from which share and multiply-adds per thread compaction is measured (below: the plain convolution)
+TRY_FROM = (0.25, 1e7)
+_FORCED: Optional[bool] = None  # tests: True / False take / skip the path whenever it applies
+_MEMO: dict = {}  # the decision per call signature, valid while sparse_exec's decisions are
+_MEMO_GEN = None
 
 
 def worth_compacting(n_dead: int, cout: int, macs: float, threads: Optional[int] = None) -> bool:
@@ -52,6 +68,86 @@ def worth_compacting(n_dead: int, cout: int, macs: float, threads: Optional[int]
         return False
     per_thread = macs / max(threads or torch.get_num_threads(), 1)
     return any(n_dead >= share * cout and per_thread >= work for share, work in COMPACT_FROM)
+
+
+def worth_trying(n_dead: int, cout: int, macs: float, threads: Optional[int] = None) -> bool:
+    """Whether compaction could pay at all (`TRY_FROM`), so that it is worth measuring."""
+    share, work = TRY_FROM
+    return n_dead > 0 and n_dead >= share * cout and macs / max(threads or torch.get_num_threads(), 1) >= work
+
+
+def _choose(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], live: Tensor, conv: tuple, n_dead: int,
+            cout: int, macs: float) -> bool:
+    """Whether this call skips its dead rows: forced (tests), else measured per call signature (module
+    docstring), else the measured rule."""
+    global _MEMO_GEN
+    if _FORCED is not None:
+        return _FORCED
+    threads = torch.get_num_threads()
+    if not worth_trying(n_dead, cout, macs, threads):
+        return False
+    if (torch.are_deterministic_algorithms_enabled() or torch.is_inference_mode_enabled()
+            or torch._C._len_torch_dispatch_stack() > 0):
+        return worth_compacting(n_dead, cout, macs, threads)
+    on = torch.is_grad_enabled()
+    grads = (on and x.requires_grad, on and w_hat.requires_grad, on and bias is not None and bias.requires_grad)
+    bucket = round(8 * n_dead / cout)
+    mkey = (tuple(x.shape), tuple(w_hat.shape), conv, x.dtype, bias is not None, grads, bucket, threads)
+    if _MEMO_GEN != sparse_exec.decisions_generation():
+        _MEMO.clear()
+        _MEMO_GEN = sparse_exec.decisions_generation()
+    hit = _MEMO.get(mkey)
+    if hit is None:
+        stride, padding, dilation, transposed, out_pad = conv
+        key = (f"cpu_compact_conv|{'transposed' if transposed else 'conv'}|w{tuple(w_hat.shape)}|x{tuple(x.shape)}"
+               f"|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}op{tuple(out_pad)}"
+               f"|{str(x.dtype).replace('torch.', '')}|bias{int(bias is not None)}"
+               f"|grad{''.join(str(int(g)) for g in grads)}|dead{bucket}/8|threads{threads}")
+        hit = sparse_exec.cached_decision(key)
+        if hit is None:
+            from .cpu_masked_linear import _cpu_times
+
+            rule = "compact" if worth_compacting(n_dead, cout, macs, threads) else "plain"
+            try:  # the rule's choice stays unless the other way is faster by sparse_exec.HYSTERESIS
+                hit = sparse_exec.decide(key, _candidates(x, w_hat, bias, live, conv, grads), timer_all=_cpu_times,
+                                         incumbent=rule)
+            except RuntimeError as exc:  # e.g. inputs autograd cannot take: the rule, without retrying
+                _backend.warn_once(f"cpu-compact-measure:{key}", f"rgkernels: cannot time the compacted CPU "
+                                   f"convolution for {key} ({str(exc).splitlines()[0]}); using the rule")
+                hit = rule
+        _MEMO[mkey] = hit
+    return hit == "compact"
+
+
+def _candidates(x, w_hat, bias, live, conv, grads):
+    """One forward (+ backward when this call needs one) of each way, on copies: the layer, its tensors
+    and their gradients are untouched, and the global random generator is not used."""
+    with torch.no_grad():
+        xx, w = x.detach().clone(), w_hat.detach().clone()
+        b = None if bias is None else bias.detach().clone()
+    for t, g in ((xx, grads[0]), (w, grads[1]), (b, grads[2])):
+        if t is not None:
+            t.requires_grad_(g)
+    backward = any(grads)
+    dy = []
+    gen = torch.Generator().manual_seed(0)
+
+    def run(compact: bool):
+        # Identity saved-tensor hooks of its own: this runs inside the user's forward, where activation
+        # checkpointing's hooks would otherwise count the timing runs' saved tensors as the forward's.
+        own_hooks = (torch.autograd.graph.saved_tensors_hooks(lambda a: a, lambda a: a)
+                     if torch._C._autograd._saved_tensors_hooks_is_enabled() else contextlib.nullcontext())
+        with torch.set_grad_enabled(backward), own_hooks:
+            y = _CompactConv.apply(xx, w, b, live, conv) if compact else _conv(xx, w, b, conv)
+            if backward:
+                if not dy:
+                    dy.append(torch.randn(y.shape, generator=gen, dtype=y.dtype))
+                y.backward(dy[0])
+        for t in (xx, w, b):
+            if t is not None:
+                t.grad = None
+
+    return {"plain": lambda: run(False), "compact": lambda: run(True)}
 
 
 def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], conv: tuple) -> Tensor:
@@ -126,7 +222,7 @@ def compact_conv(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], counts: Tenso
     ws = w_hat.shape
     cout, cin = (ws[1], ws[0]) if transposed else (ws[0], ws[1])
     macs = float(x.shape[0]) * _out_positions(x, w_hat, conv) * cout * cin * ws[2] * ws[3]
-    if x.shape[0] == 0 or not worth_compacting(cout, cout, macs):
+    if x.shape[0] == 0 or (_FORCED is None and not worth_trying(cout, cout, macs)):
         return None  # an empty batch, or too small to pay even with every row dead
     if x.device.type != "cpu" or w_hat.device.type != "cpu" or counts.device.type != "cpu":
         return None
@@ -140,11 +236,13 @@ def compact_conv(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], counts: Tenso
         return None  # forward-mode AD (dual tensors): the node has no jvp, the plain convolution has
     live = torch.nonzero(counts > 0).flatten()
     n_live = live.numel()
-    if n_live == 0:
-        return None  # nothing to convolve: the plain convolution of a zero weight is already cheap enough
-    if not worth_compacting(cout - n_live, cout, macs):
+    if n_live == 0 or n_live == cout:
+        # nothing to convolve (the plain convolution of a zero weight is cheap enough), or nothing to skip
         return None
-    y = _CompactConv.apply(x, w_hat, bias, live, tuple(conv))
+    conv = tuple(tuple(c) if isinstance(c, (list, tuple)) else c for c in conv)
+    if not _choose(x, w_hat, bias, live, conv, cout - n_live, cout, macs):
+        return None
+    y = _CompactConv.apply(x, w_hat, bias, live, conv)
     return y, torch.tensor([n_live], dtype=torch.int64)
 
 
