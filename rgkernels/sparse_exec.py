@@ -279,12 +279,13 @@ def decisions_generation() -> int:
 
 
 def decide(key: str, candidates: Dict[str, Callable[[], None]], timer: Optional[Callable] = None,
-           timer_all: Optional[Callable] = None, incumbent: str = "masked_weight") -> str:
+           timer_all: Optional[Callable] = None, incumbent: str = "masked_weight",
+           hysteresis: float = HYSTERESIS) -> str:
     """The cached decision for `key`, or the fastest of `candidates` (name -> a closure running one
     forward + backward), timed once with `timer(fn) -> seconds` per candidate, or with
     `timer_all(candidates) -> {name: seconds}` (all of them in one go, e.g. interleaved), and cached.
-    Another candidate must beat the `incumbent` (when it is one of them: "masked_weight" against "fused")
-    by HYSTERESIS, so that a timing within the noise keeps the default."""
+    Another candidate must take at most `hysteresis` times the `incumbent`'s time (when the incumbent is one
+    of them: "masked_weight" against "fused"), so that a timing within the noise keeps the default."""
     with _LOCK:
         _load_disk()
         hit = _DECISIONS.get(key)
@@ -296,7 +297,7 @@ def decide(key: str, candidates: Dict[str, Callable[[], None]], timer: Optional[
         timer = timer or _cuda_time
         times = {name: timer(fn) for name, fn in candidates.items()}
     best = min(times, key=times.get)
-    if best != incumbent and incumbent in times and times[best] > HYSTERESIS * times[incumbent]:
+    if best != incumbent and incumbent in times and times[best] > hysteresis * times[incumbent]:
         best = incumbent
     with _LOCK:
         _DECISIONS[key] = best

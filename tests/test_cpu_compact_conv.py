@@ -343,14 +343,14 @@ def test_measurement_runs_on_copies(monkeypatch, fresh_decisions):
 
 
 @pytest.mark.parametrize("rule", ["plain", "compact"])
-def test_the_rule_stays_unless_the_other_way_is_3_percent_faster(monkeypatch, fresh_decisions, rule):
+def test_the_rule_stays_unless_the_other_way_is_10_percent_faster(monkeypatch, fresh_decisions, rule):
     monkeypatch.setattr(CC, "TRY_FROM", (0.1, 0.0))
     if rule == "compact":
         monkeypatch.setattr(CC, "COMPACT_FROM", ((0.1, 0.0),))
     other = "plain" if rule == "compact" else "compact"
     layer = _layer(rgkernels.MaskedConv2d, CONVS[0], dead=(1, 4, 5))
     x = torch.randn(2, 5, 6, 6)
-    for other_time, want in ((0.98, rule), (0.96, other)):
+    for other_time, want in ((0.91, rule), (0.89, other)):
         SE.clear_decisions()
         monkeypatch.setattr(CPL, "_cpu_times", lambda cands: {rule: 1.0, other: other_time})
         layer(x)
