@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _backend
+from .ops._autograd import grads_needed
 from .ops.masked_weight import GRAD_MODES, guard_value
 
 EXECUTION_MODES = ("auto", "masked_weight", "fused")
@@ -202,6 +203,11 @@ def _cache_path() -> Optional[str]:
     return _CACHE_PATH if _CACHE_PATH is not None else (os.environ.get("RGKERNELS_EXEC_CACHE") or None)
 
 
+# The values each kind of decision key may have (by the key's first field): CPU GEMM paths
+# (cpu_masked_linear), CPU conv compaction (cpu_compact_conv), else layer execution paths.
+_VALUES = {"cpu_gemm": ("aten", "ukernel"), "cpu_compact_conv": ("compact", "plain"), "": ("masked_weight", "fused")}
+
+
 def _load_disk() -> None:
     global _CACHE_LOADED
     path = _cache_path()
@@ -218,8 +224,7 @@ def _load_disk() -> None:
                                                  f"({type(exc).__name__}); measuring again")
         return
     for k, v in data.get("decisions", {}).items():
-        # layer paths; CPU GEMM paths (cpu_masked_linear); CPU conv compaction (cpu_compact_conv)
-        if v in ("masked_weight", "fused", "aten", "ukernel", "compact", "plain"):
+        if v in _VALUES.get(k.split("|", 1)[0], _VALUES[""]):  # a value another kind of key cannot take
             _DECISIONS.setdefault(k, v)
 
 
@@ -509,32 +514,33 @@ class _FusedFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         t = ctx.threshold
+        need = grads_needed(ctx, 4)  # x, weight, threshold, bias
         if torch.is_grad_enabled():  # create_graph=True (R1 & co.): a differentiable composition
-            return _differentiable_backward(ctx, x, weight, t, dy)
+            return _differentiable_backward(ctx, x, weight, t, dy, need)
         ops = _ops()
         dx = gw = gt = db = None
-        if ctx.needs_input_grad[0]:
+        if need[0]:
             ip, inl = ctx.in_dgrad if ctx.in_dgrad is not None else (None, None)
             if ctx.kind == "linear":
                 dx = ops.triton_masked_linear_dgrad(dy, weight, t, ctx.perm, ctx.nlive, ip, inl, ctx.flops)
             else:
                 dx = ops.triton_masked_conv_dgrad(dy, weight, t, ctx.perm, ctx.nlive, ip, inl, ctx.flops,
                                                   list(x.shape[2:]), *ctx.conv[:4])
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if need[1] or need[2]:
             ip, inl = ctx.in_fwd if ctx.in_fwd is not None else (None, None)
             if ctx.kind == "linear":
                 gw, gt, _ = ops.triton_masked_linear_wgrad(dy, x, weight, t, ip, inl, ctx.grad_mode_id, ctx.flops)
             else:
                 gw, gt, _ = ops.triton_masked_conv_wgrad(dy, x, weight, t, ip, inl, ctx.grad_mode_id, ctx.flops,
                                                          *ctx.conv[:4])
-            gw = gw if ctx.needs_input_grad[1] else None
-            gt = gt if ctx.needs_input_grad[2] else None
-        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gw = gw if need[1] else None
+            gt = gt if need[2] else None
+        if ctx.has_bias and need[3]:
             db = dy.sum(0) if ctx.kind == "linear" else dy.sum((0, 2, 3))
         return dx, gw, gt, db, None, None, None, None, None, None, None, None
 
 
-def _differentiable_backward(ctx, x, weight, t, dy):
+def _differentiable_backward(ctx, x, weight, t, dy, need):
     """The gradients of _FusedFn as a graph (create_graph=True): see masked_weight.differentiable_grads."""
     from .ops.masked_weight import differentiable_grads
 
@@ -543,9 +549,9 @@ def _differentiable_backward(ctx, x, weight, t, dy):
     def layer_fn(x, w_hat_rows):  # _rows is its own inverse: row layout -> the layer's weight layout
         return fn(x, _rows(ctx.kind, w_hat_rows), None)
 
-    out = differentiable_grads(layer_fn, x, weight, t, dy, ctx.grad_mode_id, ctx.needs_input_grad[:3])
+    out = differentiable_grads(layer_fn, x, weight, t, dy, ctx.grad_mode_id, need[:3])
     db = None
-    if ctx.has_bias and ctx.needs_input_grad[3]:
+    if ctx.has_bias and need[3]:
         db = dy.sum(0) if ctx.kind == "linear" else dy.sum((0, 2, 3))
     return (*out, db, None, None, None, None, None, None, None, None)
 

@@ -12,7 +12,7 @@
 #   bash scripts/gpu_check.sh targets [M] the masked-layer cases the #4 GPU targets need (keep 1.0 step,
 #                                        50% rows fwd_dgrad, their dense baselines), for model M
 #                                        (sngan32, stylegan2_256, fastgan256; default all)
-#   bash scripts/gpu_check.sh all [S]    build, test, targets per model, sanitize, train, in that order, within
+#   bash scripts/gpu_check.sh all [S]    build, test, targets per model, train, sanitize, in that order, within
 #                                        S seconds (default 330): a step that would start with less than
 #                                        30 s left is skipped and one that overruns is interrupted, so one
 #                                        device call brings back whatever finished (rerun the rest after)
@@ -97,8 +97,8 @@ case "${1:-}" in
     "$PY" -c "import rgkernels._C" 2>/dev/null || { echo "== the extension did not build: stopping" | tee -a "$log"; exit 1; }
     step test test
     for m in sngan32 stylegan2_256 fastgan256; do step "targets $m" targets "$m"; done
+    step train train  # before sanitize, the slowest step (kernels under compute-sanitizer)
     step sanitize sanitize
-    step train train
     ;;
   *)
     sed -n "2,/^set -euo/p" "$0" | grep "^#"

@@ -577,3 +577,25 @@ def test_mask_bits_of_nan_inf_and_signed_zeros(impl):
     want = w.abs() - t[:, None] > 0
     assert torch.equal(mask, want) and torch.equal(counts, want.sum(1, dtype=torch.int32))
     assert not mask[0, 0] and mask[0, 1] and mask[0, 2] and mask[1].all()
+
+
+def test_a_backward_into_the_input_alone_runs_no_weight_gradient(impl):
+    """RG-GAN's G step differentiates into G's parameters only (backward(inputs=...)): D's layers must not
+    compute their weight and threshold gradients there, as F.linear does not. The Python node asks the
+    engine (rgkernels/ops/_autograd.py); the C++ node's needs_input_grad is the engine's own answer."""
+    from test_cpu_compact_conv import OpLog
+
+    if impl != "python":
+        pytest.skip("the C++ node's GEMMs are not all visible to a dispatch mode (the micro-kernel path)")
+    x, w, b = rand(6, 13, seed=1).requires_grad_(), rand(9, 13, seed=2).requires_grad_(), rand(9, seed=3)
+    t = thresholds(w.detach(), 0.5).requires_grad_()
+    y = cpu_masked_linear.masked_linear_cpu(x, w, t, b.requires_grad_(), 0, 0.01)[0]
+    dy = rand(6, 9, seed=4)
+    with OpLog() as log:
+        (dx,) = torch.autograd.grad(y, [x], dy, retain_graph=True)
+    ops = [str(func) for func, _ in log.calls]
+    assert ops and not any(op.startswith("rgkernels.masked_linear_bwd") for op in ops), ops
+    y.backward(dy)
+    torch.testing.assert_close(dx, x.grad, rtol=0, atol=0)
+    assert w.grad is not None and t.grad is not None
+

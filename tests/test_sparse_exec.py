@@ -563,6 +563,31 @@ def test_compaction_helper():
 
 
 @needs_triton
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_backward_into_the_input_alone_runs_no_weight_gradient_kernel(kind):
+    """RG-GAN's G step differentiates into G's parameters only (backward(inputs=...)): D's fused layers must
+    not launch their weight-gradient kernel there (ATen's layers skip that GEMM too)."""
+    from test_cpu_compact_conv import OpLog
+
+    if kind == "linear":
+        layer, x = rgkernels.MaskedLinear(12, 10), torch.randn(4, 12, device=DEV, requires_grad=True)
+    else:
+        layer, x = rgkernels.MaskedConv2d(3, 5, 3, padding=1), torch.randn(2, 3, 5, 5, device=DEV, requires_grad=True)
+    layer = _prune(layer.to(DEV), dead=[1])
+    layer.execution = "fused"
+    y = layer(x)
+    assert layer._last_bits is not None  # the fused path ran
+    g = torch.randn_like(y)
+    with OpLog() as log:
+        (dx,) = torch.autograd.grad(y, [x], g, retain_graph=True)
+    ops = [str(func) for func, _ in log.calls]
+    assert any("dgrad" in op for op in ops) and not any("wgrad" in op for op in ops), ops
+    y.backward(g)  # the full backward: the same input gradient, and the weight's (the wgrad kernel)
+    torch.testing.assert_close(dx, x.grad, rtol=0, atol=0)
+    assert layer.weight.grad is not None and layer.threshold.grad is not None
+
+
+@needs_triton
 @pytest.mark.parametrize("kind", ["linear", "conv", "conv_transpose"])
 def test_gradient_penalty_double_backward(kind):
     """R1-style: the input gradient taken with create_graph=True and differentiated again reaches the

@@ -1,7 +1,7 @@
 """RG-SNGAN's training losses and iterations on each device and execution path, against a float64 CPU
 reference.
 
-On a lent GPU (`scripts/gpu_check.sh test`) this is the check of the trainer on the device: the default
+On a lent GPU (`scripts/gpu_check.sh train`) this is the check of the trainer on the device: the default
 path (one grouped CUDA masked-weight launch per net, then cuDNN / cuBLAS on W * M), the fused Triton
 kernels and "auto", in the real losses, with spectral norm, pruned and entirely pruned rows, the
 optimisers' freeze of pruned weights, FLOP accounting, a checkpoint, and a resume on the CPU.

@@ -7,7 +7,9 @@ out of the GEMMs that they add nothing to:
   channel's output is its bias (or 0), written without a GEMM;
 - input gradient: only the live channels of dy, against the live rows (a pruned row of W_hat is 0);
 - weight gradient: every row, since dL/dW_hat of a pruned row is not 0 and its threshold gradient
-  needs it (DESIGN.md §2: the sum runs over all j, pruned or not); the bias gradient as usual.
+  needs it (DESIGN.md §2: the sum runs over all j, pruned or not); the bias gradient as usual. Only the
+  gradients the backward pass uses are computed (ops/_autograd.py): RG-GAN's G step, backward(inputs=G's
+  parameters), runs no weight-gradient convolution for D's layers, as the plain convolution runs none.
 The layer's `masked_weight` node turns dL/dW_hat into the weight and threshold gradients as on every
 other path. The backward is written with differentiable ops, so create_graph (R1) works through it;
 there the input gradient runs over every row, since its own derivative reaches the pruned rows of W_hat
@@ -31,13 +33,15 @@ W and y, and the Python node ~50 us; on the 2-core Intel Xeon VM of BENCHMARKS.m
 quarter pruned 0.87x / 0.95x for the first two, 0.99x at 0.15 G, 1.28x at 9 M; an eighth: 1.00x.
 So a call is considered from a quarter of the rows dead and 10 M multiply-adds per thread (`TRY_FROM`;
 below that it never paid), and then measured (`_choose`): at the first call of each layer shape,
-convolution geometry, dtype, gradients needed, share of dead rows in eighths and thread count, one
+convolution geometry, dtype, layout, gradients needed, share of dead rows in eighths, thread count and
+which way the rule below takes, one
 forward (+ backward where one follows) of each way on copies, in rotated rounds (cpu_masked_linear's
 `_cpu_times`), and the faster one is kept in sparse_exec's decisions ("compact" / "plain": in memory,
 in the disk cache when one is set, and with each training run). The rule measured above
 (`worth_compacting`: half the rows from 30 M multiply-adds per thread, a quarter from 300 M) is the
 default that the other way must beat by 10% (`MARGIN`), and decides alone where a timing could make two
-runs of one seed differ or cannot run (deterministic algorithms, a dispatch mode, inference mode). The
+runs of one seed differ, cannot run or would be distorted (deterministic algorithms, a dispatch mode,
+inference mode, anomaly detection). The
 margin is this VM's noise: in two paired benchmark runs on both cores with a smaller margin (none, then
 3%), the timing chose the plain convolution once for StyleGAN2's D.conv4 and once for FastGAN's G.up8,
 each with a quarter of the rows dead, where compaction was 5-14% faster in every one of 13 and 6 timings
@@ -53,6 +57,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from .. import _backend, sparse_exec
+from ._autograd import grads_needed
 
 # (share of entirely pruned rows, multiply-adds per thread of the dense forward from which it pays):
 # the rule where nothing is measured
@@ -90,13 +95,18 @@ def _choose(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], live: Tensor, conv
     threads = torch.get_num_threads()
     if not worth_trying(n_dead, cout, macs, threads):
         return False
+    rule = worth_compacting(n_dead, cout, macs, threads)
     if (torch.are_deterministic_algorithms_enabled() or torch.is_inference_mode_enabled()
-            or torch._C._len_torch_dispatch_stack() > 0):
-        return worth_compacting(n_dead, cout, macs, threads)
+            or torch.is_anomaly_enabled() or torch._C._len_torch_dispatch_stack() > 0):
+        return rule
     on = torch.is_grad_enabled()
     grads = (on and x.requires_grad, on and w_hat.requires_grad, on and bias is not None and bias.requires_grad)
     bucket = round(8 * n_dead / cout)
-    mkey = (tuple(x.shape), tuple(w_hat.shape), conv, x.dtype, bias is not None, grads, bucket, threads)
+    layout = _channels_last(x)
+    # The rule's side is part of the signature: a bucket of eighths can straddle the rule's shares, and a
+    # decision made against one default must not be reused where the other is the default.
+    mkey = (tuple(x.shape), tuple(w_hat.shape), conv, x.dtype, bias is not None, grads, bucket, threads, layout,
+            rule)
     if _MEMO_GEN != sparse_exec.decisions_generation():
         _MEMO.clear()
         _MEMO_GEN = sparse_exec.decisions_generation()
@@ -106,19 +116,19 @@ def _choose(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], live: Tensor, conv
         key = (f"cpu_compact_conv|{'transposed' if transposed else 'conv'}|w{tuple(w_hat.shape)}|x{tuple(x.shape)}"
                f"|s{tuple(stride)}p{tuple(padding)}d{tuple(dilation)}op{tuple(out_pad)}"
                f"|{str(x.dtype).replace('torch.', '')}|bias{int(bias is not None)}"
-               f"|grad{''.join(str(int(g)) for g in grads)}|dead{bucket}/8|threads{threads}")
+               f"|grad{''.join(str(int(g)) for g in grads)}|dead{bucket}/8|threads{threads}"
+               f"|{'channels_last' if layout else 'contiguous'}|rule_{'compact' if rule else 'plain'}")
         hit = sparse_exec.cached_decision(key)
         if hit is None:
             from .cpu_masked_linear import _cpu_times
 
-            rule = "compact" if worth_compacting(n_dead, cout, macs, threads) else "plain"
             try:  # the rule's choice stays unless the other way is clearly faster (MARGIN)
                 hit = sparse_exec.decide(key, _candidates(x, w_hat, bias, live, conv, grads), timer_all=_cpu_times,
-                                         incumbent=rule, hysteresis=MARGIN)
+                                         incumbent="compact" if rule else "plain", hysteresis=MARGIN)
             except RuntimeError as exc:  # e.g. inputs autograd cannot take: the rule, without retrying
                 _backend.warn_once(f"cpu-compact-measure:{key}", f"rgkernels: cannot time the compacted CPU "
                                    f"convolution for {key} ({str(exc).splitlines()[0]}); using the rule")
-                hit = rule
+                hit = "compact" if rule else "plain"
         _MEMO[mkey] = hit
     return hit == "compact"
 
@@ -134,7 +144,7 @@ def _candidates(x, w_hat, bias, live, conv, grads):
             t.requires_grad_(g)
     backward = any(grads)
     dy = []
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device="cpu").manual_seed(0)
 
     def run(compact: bool):
         # Identity saved-tensor hooks of its own: this runs inside the user's forward, where activation
@@ -145,7 +155,7 @@ def _candidates(x, w_hat, bias, live, conv, grads):
             y = _CompactConv.apply(xx, w, b, live, conv) if compact else _conv(xx, w, b, conv)
             if backward:
                 if not dy:
-                    dy.append(torch.randn(y.shape, generator=gen, dtype=y.dtype))
+                    dy.append(torch.randn(y.shape, generator=gen, dtype=y.dtype, device=y.device))
                 y.backward(dy[0])
         for t in (xx, w, b):
             if t is not None:
@@ -184,19 +194,20 @@ class _CompactConv(torch.autograd.Function):
         x, w_hat, w_live, live = ctx.saved_tensors
         stride, padding, dilation, transposed, out_pad = ctx.conv
         conv_bwd = torch.ops.aten.convolution_backward
+        need_x, need_w, need_b = grads_needed(ctx, 3)
         dx = g = db = None
-        if ctx.needs_input_grad[0] and torch.is_grad_enabled():
+        if need_x and torch.is_grad_enabled():
             # create_graph (R1): dx's own derivative with respect to a pruned row of W_hat is not 0 (dx is
             # linear in every row, zero or not), and the threshold gradient needs it: every row then
             dx = conv_bwd(dy, x, w_hat, None, stride, padding, dilation, transposed, out_pad, 1,
                           [True, False, False])[0]
-        elif ctx.needs_input_grad[0]:
+        elif need_x:
             dx = conv_bwd(dy.index_select(1, live), x, w_live, None, stride, padding, dilation, transposed,
                           out_pad, 1, [True, False, False])[0]
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if need_w or need_b:
             bias_sizes = [w_hat.shape[1 if transposed else 0]] if ctx.has_bias else None
             _, g, db = conv_bwd(dy, x, w_hat, bias_sizes, stride, padding, dilation, transposed, out_pad, 1,
-                                [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+                                [False, need_w, ctx.has_bias and need_b])
         return dx, g, db, None, None
 
 

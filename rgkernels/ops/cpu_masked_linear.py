@@ -36,6 +36,7 @@ from torch.autograd import forward_ad
 
 from .. import _backend
 from . import masked_weight
+from ._autograd import grads_needed
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -78,14 +79,14 @@ class _MaskedLinearCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dw_hat, _dcounts):
         x, weight, w_hat = ctx.saved_tensors
-        need_x, need_w, need_t, need_b = ctx.needs_input_grad[:4]
+        need_x, need_w, need_t, need_b = grads_needed(ctx, 4)
         if dy is None:  # y did not reach the loss
             return None, None, None, None, None, None
         flat = ctx.x_shape is not None
         x2 = x.reshape(-1, x.shape[-1]) if flat else x
         dy2 = dy.reshape(-1, dy.shape[-1]) if flat else dy
         if torch.is_grad_enabled():  # create_graph=True (R1 & co. differentiate the input gradient)
-            gx, gw, gt = differentiable_grads(x, weight, ctx.threshold, dy, ctx.grad_mode_id, ctx.needs_input_grad[:3])
+            gx, gw, gt = differentiable_grads(x, weight, ctx.threshold, dy, ctx.grad_mode_id, (need_x, need_w, need_t))
             gb = dy2.sum(0) if need_b and ctx.has_bias else None
             return gx, gw, gt, gb, None, None
         elif need_w or need_t:

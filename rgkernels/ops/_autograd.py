@@ -1,0 +1,30 @@
+"""Which input gradients a Python `torch.autograd.Function`'s backward must compute in this pass."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+
+def grads_needed(ctx, n: int) -> Tuple[bool, ...]:
+    """`ctx.needs_input_grad[:n]`, narrowed to the inputs whose gradient this backward pass uses.
+
+    `needs_input_grad` is fixed at the forward (which inputs require grad). `loss.backward(inputs=...)` and
+    `torch.autograd.grad(outputs, inputs)` prune the graph, and ATen's own backward formulas skip what is
+    pruned (convolution's output_mask, addmm's); a custom node that computed it anyway would run GEMMs the
+    plain layer does not: in RG-GAN's G step (`loss_G.backward(inputs=G's parameters)`), the weight
+    gradients of every layer of D. (C++ custom functions ask the engine already: their
+    `ctx->needs_input_grad` is `task_should_compute_output`.)"""
+    needs = ctx.needs_input_grad[:n]
+    if not any(needs):
+        return tuple(needs)
+    out = []
+    for i, need in enumerate(needs):
+        if need:
+            node = ctx.next_functions[i][0]
+            try:
+                need = node is None or bool(torch._C._will_engine_execute_node(node))
+            except (AttributeError, RuntimeError):  # another PyTorch, or not inside an engine's pass: keep it
+                pass
+        out.append(need)
+    return tuple(out)
