@@ -15,16 +15,16 @@ def grads_needed(ctx, n: int) -> Tuple[bool, ...]:
     plain layer does not: in RG-GAN's G step (`loss_G.backward(inputs=G's parameters)`), the weight
     gradients of every layer of D. (C++ custom functions ask the engine already: their
     `ctx->needs_input_grad` is `task_should_compute_output`.)"""
-    needs = ctx.needs_input_grad[:n]
-    if not any(needs):
-        return tuple(needs)
+    needs = tuple(ctx.needs_input_grad[:n])
+    if not any(needs) or torch.compiler.is_compiling():  # a traced backward (compiled autograd, dynamo):
+        return needs                                     # no engine to ask while tracing
     out = []
     for i, need in enumerate(needs):
         if need:
-            node = ctx.next_functions[i][0]
             try:
+                node = ctx.next_functions[i][0]
                 need = node is None or bool(torch._C._will_engine_execute_node(node))
             except (AttributeError, RuntimeError):  # another PyTorch, or not inside an engine's pass: keep it
-                pass
+                need = True
         out.append(need)
     return tuple(out)
