@@ -429,6 +429,21 @@ def test_a_measurement_that_fails_warns_and_takes_the_rule(monkeypatch, fresh_de
     torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("setting", ["anomaly", "profiler", "inference"])
+def test_settings_that_distort_or_forbid_a_timing_take_the_rule(monkeypatch, fresh_decisions, setting):
+    monkeypatch.setattr(CC, "TRY_FROM", (0.1, 0.0))
+    monkeypatch.setattr(CC, "COMPACT_FROM", ((0.1, 0.0),))  # the rule: compact
+    monkeypatch.setattr(CPL, "_cpu_times", _never)
+    layer = _layer(rgkernels.MaskedConv2d, CONVS[0], dead=(1, 4, 5))
+    ctx = {"anomaly": lambda: torch.autograd.detect_anomaly(check_nan=False),
+           "profiler": lambda: torch.autograd.profiler.profile(),
+           "inference": torch.inference_mode}[setting]
+    with ctx():
+        layer(torch.randn(2, 5, 6, 6))
+    assert int(layer._exec_record["nlive"][0]) == 4
+    assert not [k for k in SE.decisions() if k.startswith("cpu_compact_conv|")]
+
+
 def test_deterministic_algorithms_take_the_rule_without_measuring(monkeypatch, fresh_decisions):
     """A timing could make two runs of one seed differ in the last bits: the measured rule instead."""
     monkeypatch.setattr(CPL, "_cpu_times", _never)

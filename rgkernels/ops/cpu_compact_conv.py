@@ -41,7 +41,7 @@ in the disk cache when one is set, and with each training run). The rule measure
 (`worth_compacting`: half the rows from 30 M multiply-adds per thread, a quarter from 300 M) is the
 default that the other way must beat by 10% (`MARGIN`), and decides alone where a timing could make two
 runs of one seed differ, cannot run or would be distorted (deterministic algorithms, a dispatch mode,
-inference mode, anomaly detection). The
+inference mode, anomaly detection, the profiler). The
 margin is this VM's noise: in two paired benchmark runs on both cores with a smaller margin (none, then
 3%), the timing chose the plain convolution once for StyleGAN2's D.conv4 and once for FastGAN's G.up8,
 each with a quarter of the rows dead, where compaction was 5-14% faster in every one of 13 and 6 timings
@@ -97,7 +97,8 @@ def _choose(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], live: Tensor, conv
         return False
     rule = worth_compacting(n_dead, cout, macs, threads)
     if (torch.are_deterministic_algorithms_enabled() or torch.is_inference_mode_enabled()
-            or torch.is_anomaly_enabled() or torch._C._len_torch_dispatch_stack() > 0):
+            or torch.is_anomaly_enabled() or torch.autograd._profiler_enabled()
+            or torch._C._len_torch_dispatch_stack() > 0):
         return rule
     on = torch.is_grad_enabled()
     grads = (on and x.requires_grad, on and w_hat.requires_grad, on and bias is not None and bias.requires_grad)
