@@ -514,7 +514,7 @@ class _FusedFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         t = ctx.threshold
-        need = grads_needed(ctx, 4)  # x, weight, threshold, bias
+        need = grads_needed(ctx, (True, True, True, ctx.has_bias))  # x, weight, threshold, bias
         if torch.is_grad_enabled():  # create_graph=True (R1 & co.): a differentiable composition
             return _differentiable_backward(ctx, x, weight, t, dy, need)
         ops = _ops()

@@ -195,7 +195,7 @@ class _CompactConv(torch.autograd.Function):
         x, w_hat, w_live, live = ctx.saved_tensors
         stride, padding, dilation, transposed, out_pad = ctx.conv
         conv_bwd = torch.ops.aten.convolution_backward
-        need_x, need_w, need_b = grads_needed(ctx, 3)
+        need_x, need_w, need_b = grads_needed(ctx, (True, True, ctx.has_bias))
         dx = g = db = None
         if need_x and torch.is_grad_enabled():
             # create_graph (R1): dx's own derivative with respect to a pruned row of W_hat is not 0 (dx is

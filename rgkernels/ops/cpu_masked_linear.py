@@ -79,7 +79,7 @@ class _MaskedLinearCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dw_hat, _dcounts):
         x, weight, w_hat = ctx.saved_tensors
-        need_x, need_w, need_t, need_b = grads_needed(ctx, 4)
+        need_x, need_w, need_t, need_b = grads_needed(ctx, (True, True, True, ctx.has_bias))
         if dy is None:  # y did not reach the loss
             return None, None, None, None, None, None
         flat = ctx.x_shape is not None
