@@ -54,6 +54,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 import weakref
 from typing import Callable, Dict, Optional, Tuple
 
@@ -308,6 +309,24 @@ def decide(key: str, candidates: Dict[str, Callable[[], None]], timer: Optional[
         _DECISIONS[key] = best
         _save_disk()
     return best
+
+
+def _cpu_times(candidates, warmup: int = 1, rounds: int = 7) -> dict:
+    """Median wall time of each candidate over `rounds` rounds that run every candidate once, in an
+    order rotated from round to round: a machine whose speed drifts (shared CPUs, frequency changes)
+    slows all candidates alike instead of whichever was timed last."""
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 def _cuda_time(fn: Callable[[], None], warmup: int = 2, reps: int = 10) -> float:

@@ -14,7 +14,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rgkernels
 from rgkernels import sparse_exec as SE
 from rgkernels.ops import cpu_compact_conv as CC
-from rgkernels.ops import cpu_masked_linear as CPL
 
 from test_masked_weight import rel_err
 from test_sparse_exec import _check_against_ref64, _prune, _ref64
@@ -289,7 +288,7 @@ def test_when_it_runs(always, monkeypatch, fresh_decisions):
     assert uneven._exec_record is None  # asymmetric "same" padding: not taken
     # Not forced: measured from TRY_FROM on (here the measurement always finds compaction faster)
     monkeypatch.setattr(CC, "_FORCED", None)
-    monkeypatch.setattr(CPL, "_cpu_times", lambda cands: {name: 1.0 if name == "compact" else 2.0 for name in cands})
+    monkeypatch.setattr(SE, "_cpu_times", lambda cands: {name: 1.0 if name == "compact" else 2.0 for name in cands})
     monkeypatch.setattr(CC, "TRY_FROM", (0.1, 0.0))
     layer(x)
     assert layer._exec_record is not None  # 1 of 7 dead: above a share of 0.1
@@ -326,17 +325,17 @@ def test_measured_choice_is_kept_per_signature_and_share(monkeypatch, tmp_path, 
     SE.set_decision_cache(str(tmp_path / "decisions.json"))
     x = torch.randn(2, 5, 6, 6)
     layer = _layer(rgkernels.MaskedConv2d, CONVS[0], dead=(1, 4, 5))
-    monkeypatch.setattr(CPL, "_cpu_times", _fake_times("plain"))
+    monkeypatch.setattr(SE, "_cpu_times", _fake_times("plain"))
     layer(x).sum().backward()
     assert layer._exec_record is None  # measured slower: the plain convolution
     [(key, choice)] = [(k, v) for k, v in SE.decisions().items() if k.startswith("cpu_compact_conv|")]
     assert choice == "plain" and "|dead3/8|" in key and "|grad011|" in key and "|w(7, 5, 3, 3)|" in key
     assert key.endswith("|contiguous|rule_plain")
-    monkeypatch.setattr(CPL, "_cpu_times", _never)
+    monkeypatch.setattr(SE, "_cpu_times", _never)
     layer(x).sum().backward()  # the same signature: the kept decision
     assert layer._exec_record is None
     with torch.no_grad():  # no backward follows: another signature, measured on its own
-        monkeypatch.setattr(CPL, "_cpu_times", _fake_times("compact"))
+        monkeypatch.setattr(SE, "_cpu_times", _fake_times("compact"))
         layer(x)
         assert int(layer._exec_record["nlive"][0]) == 4
     _prune(layer, dead=(0, 1, 2, 3, 4), hi=0.3 * layer.weight.detach().abs().max().item())  # 5 of 7: 6/8
@@ -344,7 +343,7 @@ def test_measured_choice_is_kept_per_signature_and_share(monkeypatch, tmp_path, 
     assert int(layer._exec_record["nlive"][0]) == 2
     # kept on disk (with a training run: its kernel-decision file), read back after the memory is cleared
     SE.clear_decisions()
-    monkeypatch.setattr(CPL, "_cpu_times", _never)
+    monkeypatch.setattr(SE, "_cpu_times", _never)
     layer(x).sum().backward()
     assert int(layer._exec_record["nlive"][0]) == 2
     assert sorted(v for k, v in SE.decisions().items() if k.startswith("cpu_compact_conv|")) == \
@@ -356,7 +355,7 @@ def test_a_decision_is_not_reused_across_the_rules_threshold(monkeypatch, fresh_
     its own default (equal timings keep it)."""
     monkeypatch.setattr(CC, "TRY_FROM", (0.1, 0.0))
     monkeypatch.setattr(CC, "COMPACT_FROM", ((0.5, 0.0),))
-    monkeypatch.setattr(CPL, "_cpu_times", lambda cands: {name: 1.0 for name in cands})
+    monkeypatch.setattr(SE, "_cpu_times", lambda cands: {name: 1.0 for name in cands})
     layer = _layer(rgkernels.MaskedConv2d, CONVS[0], cout=16, dead=range(7))
     hi = 0.3 * layer.weight.detach().abs().max().item()
     x = torch.randn(2, 5, 6, 6)
@@ -409,7 +408,7 @@ def test_the_rule_stays_unless_the_other_way_is_10_percent_faster(monkeypatch, f
     x = torch.randn(2, 5, 6, 6)
     for other_time, want in ((0.91, rule), (0.89, other)):
         SE.clear_decisions()
-        monkeypatch.setattr(CPL, "_cpu_times", lambda cands: {rule: 1.0, other: other_time})
+        monkeypatch.setattr(SE, "_cpu_times", lambda cands: {rule: 1.0, other: other_time})
         layer(x)
         assert (layer._exec_record is not None) == (want == "compact"), other_time
 
@@ -419,13 +418,13 @@ def test_a_measurement_that_fails_warns_and_takes_the_rule(monkeypatch, fresh_de
         raise RuntimeError("cannot time this\nsecond line")
 
     monkeypatch.setattr(CC, "TRY_FROM", (0.1, 0.0))
-    monkeypatch.setattr(CPL, "_cpu_times", fail)
+    monkeypatch.setattr(SE, "_cpu_times", fail)
     layer = _layer(rgkernels.MaskedConv2d, CONVS[0], dead=(1, 4, 5))
     x = torch.randn(2, 5, 6, 6)
     with pytest.warns(rgkernels.RGKernelsWarning, match="cannot time the compacted CPU convolution.*cannot time this"):
         y = layer(x)
     assert layer._exec_record is None  # the rule: far too small
-    monkeypatch.setattr(CPL, "_cpu_times", _never)  # not retried
+    monkeypatch.setattr(SE, "_cpu_times", _never)  # not retried
     torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
 
 
@@ -433,7 +432,7 @@ def test_a_measurement_that_fails_warns_and_takes_the_rule(monkeypatch, fresh_de
 def test_settings_that_distort_or_forbid_a_timing_take_the_rule(monkeypatch, fresh_decisions, setting):
     monkeypatch.setattr(CC, "TRY_FROM", (0.1, 0.0))
     monkeypatch.setattr(CC, "COMPACT_FROM", ((0.1, 0.0),))  # the rule: compact
-    monkeypatch.setattr(CPL, "_cpu_times", _never)
+    monkeypatch.setattr(SE, "_cpu_times", _never)
     layer = _layer(rgkernels.MaskedConv2d, CONVS[0], dead=(1, 4, 5))
     ctx = {"anomaly": lambda: torch.autograd.detect_anomaly(check_nan=False),
            "profiler": lambda: torch.autograd.profiler.profile(),
@@ -446,7 +445,7 @@ def test_settings_that_distort_or_forbid_a_timing_take_the_rule(monkeypatch, fre
 
 def test_deterministic_algorithms_take_the_rule_without_measuring(monkeypatch, fresh_decisions):
     """A timing could make two runs of one seed differ in the last bits: the measured rule instead."""
-    monkeypatch.setattr(CPL, "_cpu_times", _never)
+    monkeypatch.setattr(SE, "_cpu_times", _never)
     layer = _layer(rgkernels.MaskedConv2d, dict(kernel_size=3, padding=1), cin=64, cout=64)
     x = torch.randn(4, 64, 16, 16)  # 38 M multiply-adds, on one thread: the rule from half the rows dead
     threads = torch.get_num_threads()

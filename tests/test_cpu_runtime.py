@@ -155,14 +155,14 @@ def test_gemm_measured_once_per_layer_shape(monkeypatch):
                     fn()  # the candidates must run
                 return dict(zip(CML.GEMMS, times))
 
-            monkeypatch.setattr(CML, "_cpu_times", fake_times)
+            monkeypatch.setattr(SE, "_cpu_times", fake_times)
             layer = rgkernels.MaskedLinear(24, 16)
             x = torch.randn(5, 24, requires_grad=True)
             before = [p.detach().clone() for p in layer.parameters()]
             _step(layer, x)  # measures
             (key, got), = SE.decisions().items()
             assert key.startswith("cpu_gemm|rows5|w(16, 24)|bias1") and got == want
-            monkeypatch.setattr(CML, "_cpu_times", lambda cands: pytest.fail("measured twice"))
+            monkeypatch.setattr(SE, "_cpu_times", lambda cands: pytest.fail("measured twice"))
             layer.zero_grad(set_to_none=True)
             assert _ran_aten_gemms(lambda: _step(layer, x)) == (want == "aten")
             assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))  # timing runs used copies
@@ -201,7 +201,7 @@ def test_gemm_measurement_inside_checkpoint_determinism_and_bad_inputs(monkeypat
         torch.testing.assert_close(x.grad, g)
 
         SE.clear_decisions()
-        monkeypatch.setattr(CML, "_cpu_times", lambda cands: pytest.fail("timed under deterministic algorithms"))
+        monkeypatch.setattr(SE, "_cpu_times", lambda cands: pytest.fail("timed under deterministic algorithms"))
         monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
         layer = rgkernels.MaskedLinear(24, 16)
         _step(layer, torch.randn(5, 24, requires_grad=True))
@@ -220,11 +220,11 @@ def test_gemm_measurement_inside_checkpoint_determinism_and_bad_inputs(monkeypat
 
 def test_gemm_timing_interleaves_the_candidates():
     """Each round runs every candidate once, the order rotated between rounds; medians per candidate."""
-    from rgkernels.ops import cpu_masked_linear as CML
+    from rgkernels import sparse_exec as SE
 
     order = []
     cands = {name: (lambda n=name: order.append(n)) for name in ("aten", "ukernel")}
-    times = CML._cpu_times(cands, warmup=1, rounds=4)
+    times = SE._cpu_times(cands, warmup=1, rounds=4)
     assert order == ["aten", "ukernel"] + ["aten", "ukernel", "ukernel", "aten"] * 2
     assert set(times) == {"aten", "ukernel"} and all(t >= 0 for t in times.values())
 

@@ -147,7 +147,7 @@ def test_kernel_decisions_are_kept_with_the_run(tmp_path, monkeypatch):
             saved = json.loads((tmp_path / "k" / "kernel_decisions.json").read_text())["decisions"]
             assert saved and all(k.startswith("cpu_gemm|") and v in CML.GEMMS for k, v in saved.items())
             SE.clear_decisions()  # as in a new process
-            monkeypatch.setattr(CML, "_cpu_times", lambda cands: pytest.fail("measured again"))
+            monkeypatch.setattr(SE, "_cpu_times", lambda cands: pytest.fail("measured again"))
             make_run(tmp_path, "k", execution="auto").train_iteration()
             assert SE.decisions() == saved
     finally:

@@ -1,6 +1,8 @@
-"""Which input gradients a Python `torch.autograd.Function`'s backward must compute in this pass."""
+"""Autograd helpers of the Python nodes: which input gradients a backward must compute in this pass, and
+the saved-tensor hooks of the timing runs made inside a forward."""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence, Tuple
 
 import torch
@@ -31,3 +33,12 @@ def grads_needed(ctx, tensors: Sequence[bool]) -> Tuple[bool, ...]:
                 need = True                                     # pass: keep it
         out.append(need)
     return tuple(out)
+
+
+def own_saved_tensors_hooks():
+    """Identity saved-tensor hooks, for timing runs made inside the user's forward (the CPU paths' per-shape
+    measurements): activation checkpointing's hooks (torch.utils.checkpoint, use_reentrant=False) would
+    otherwise count the timing runs' saved tensors as the forward's and refuse the recomputation."""
+    if torch._C._autograd._saved_tensors_hooks_is_enabled():
+        return torch.autograd.graph.saved_tensors_hooks(lambda a: a, lambda a: a)
+    return contextlib.nullcontext()

@@ -35,7 +35,7 @@ So a call is considered from a quarter of the rows dead and 10 M multiply-adds p
 below that it never paid), and then measured (`_choose`): at the first call of each layer shape,
 convolution geometry, dtype, layout, gradients needed, share of dead rows in eighths, thread count and
 which way the rule below takes, one
-forward (+ backward where one follows) of each way on copies, in rotated rounds (cpu_masked_linear's
+forward (+ backward where one follows) of each way on copies, in rotated rounds (sparse_exec's
 `_cpu_times`), and the faster one is kept in sparse_exec's decisions ("compact" / "plain": in memory,
 in the disk cache when one is set, and with each training run). The rule measured above
 (`worth_compacting`: half the rows from 30 M multiply-adds per thread, a quarter from 300 M) is the
@@ -49,7 +49,6 @@ of their own (BENCHMARKS.md, session 11).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -57,7 +56,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from .. import _backend, sparse_exec
-from ._autograd import grads_needed
+from ._autograd import grads_needed, own_saved_tensors_hooks
 
 # (share of entirely pruned rows, multiply-adds per thread of the dense forward from which it pays):
 # the rule where nothing is measured
@@ -121,11 +120,10 @@ def _choose(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], live: Tensor, conv
                f"|{'channels_last' if layout else 'contiguous'}|rule_{'compact' if rule else 'plain'}")
         hit = sparse_exec.cached_decision(key)
         if hit is None:
-            from .cpu_masked_linear import _cpu_times
-
             try:  # the rule's choice stays unless the other way is clearly faster (MARGIN)
-                hit = sparse_exec.decide(key, _candidates(x, w_hat, bias, live, conv, grads), timer_all=_cpu_times,
-                                         incumbent="compact" if rule else "plain", hysteresis=MARGIN)
+                hit = sparse_exec.decide(key, _candidates(x, w_hat, bias, live, conv, grads),
+                                         timer_all=sparse_exec._cpu_times, incumbent="compact" if rule else "plain",
+                                         hysteresis=MARGIN)
             except RuntimeError as exc:  # e.g. inputs autograd cannot take: the rule, without retrying
                 _backend.warn_once(f"cpu-compact-measure:{key}", f"rgkernels: cannot time the compacted CPU "
                                    f"convolution for {key} ({str(exc).splitlines()[0]}); using the rule")
@@ -148,11 +146,7 @@ def _candidates(x, w_hat, bias, live, conv, grads):
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def run(compact: bool):
-        # Identity saved-tensor hooks of its own: this runs inside the user's forward, where activation
-        # checkpointing's hooks would otherwise count the timing runs' saved tensors as the forward's.
-        own_hooks = (torch.autograd.graph.saved_tensors_hooks(lambda a: a, lambda a: a)
-                     if torch._C._autograd._saved_tensors_hooks_is_enabled() else contextlib.nullcontext())
-        with torch.set_grad_enabled(backward), own_hooks:
+        with torch.set_grad_enabled(backward), own_saved_tensors_hooks():
             y = _CompactConv.apply(xx, w, b, live, conv) if compact else _conv(xx, w, b, conv)
             if backward:
                 if not dy:

@@ -26,7 +26,6 @@ every layer instead.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -36,7 +35,7 @@ from torch.autograd import forward_ad
 
 from .. import _backend
 from . import masked_weight
-from ._autograd import grads_needed
+from ._autograd import grads_needed, own_saved_tensors_hooks
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -214,7 +213,7 @@ def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Te
             return -1
         try:
             hit = sparse_exec.decide(key, _gemm_candidates(x2, weight, threshold, bias, grad_mode_id, guard_ratio),
-                                     timer_all=_cpu_times)
+                                     timer_all=sparse_exec._cpu_times)
         except RuntimeError as exc:  # e.g. inputs autograd cannot take: run the process-wide path
             _UNMEASURABLE.add(key)
             _backend.warn_once(f"cpu-gemm-measure:{key}", f"rgkernels: cannot time the CPU GEMM paths for {key} "
@@ -236,35 +235,10 @@ def _gemm_candidates(x2, weight, threshold, bias, grad_mode_id, guard_ratio):
     node = _cpp_node()
 
     def run(gemm):
-        # Identity saved-tensor hooks of its own: the timing runs inside the user's forward, where
-        # activation checkpointing's hooks (torch.utils.checkpoint, use_reentrant=False) would otherwise
-        # count their saved tensors as the forward's and refuse the recomputation.
-        own_hooks = (torch.autograd.graph.saved_tensors_hooks(lambda a: a, lambda a: a)
-                     if torch._C._autograd._saved_tensors_hooks_is_enabled() else contextlib.nullcontext())
-        with torch.enable_grad(), own_hooks:
+        with torch.enable_grad(), own_saved_tensors_hooks():
             node(x, w, t, b, grad_mode_id, guard_ratio, gemm)[0].backward(dy)
         x.grad = w.grad = t.grad = None
         if b is not None:
             b.grad = None
 
     return {name: (lambda g=i: run(g)) for i, name in enumerate(GEMMS)}
-
-
-def _cpu_times(candidates, warmup: int = 1, rounds: int = 7) -> dict:
-    """Median wall time of each candidate over `rounds` rounds that run every candidate once, in an
-    order rotated from round to round: a machine whose speed drifts (shared CPUs, frequency changes)
-    slows all candidates alike instead of whichever was timed last."""
-    import time
-
-    names = list(candidates)
-    for _ in range(warmup):
-        for name in names:
-            candidates[name]()
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            candidates[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
