@@ -48,6 +48,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_decision_cache_left():
+    """A TrainingRun points the kernel decisions at its run directory's file (process-wide); a later test
+    must not read the decisions of an earlier test's run."""
+    yield
+    from rgkernels import sparse_exec
+
+    if sparse_exec._CACHE_PATH is not None:
+        sparse_exec.set_decision_cache(None)
+        sparse_exec.clear_decisions()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _full_fp32_on_gpu():
     """On a GPU, float32 convolutions in full precision (cuDNN and the Triton conv kernels follow the
