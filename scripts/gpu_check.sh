@@ -8,10 +8,12 @@
 #                                        losses and gradients of each execution path against float64 on
 #                                        the CPU, training iterations, checkpoint, resume on the CPU (no
 #                                        clean-fid needed: the loop's evaluations are not run)
-#   bash scripts/gpu_check.sh bench [K]  all GPU benchmarks (or those matching -k K) to a JSON file
+#   bash scripts/gpu_check.sh bench [K]  all GPU benchmarks (or those matching -k K) to a JSON file, then
+#                                        its tables and target verdicts (benchmarks/report.py)
 #   bash scripts/gpu_check.sh targets [M] the masked-layer cases the #4 GPU targets need (keep 1.0 step,
 #                                        50% rows fwd_dgrad, their dense baselines), for model M
-#                                        (sngan32, stylegan2_256, fastgan256; default all)
+#                                        (sngan32, stylegan2_256, fastgan256; default all), then their
+#                                        tables and target verdicts (benchmarks/report.py)
 #   bash scripts/gpu_check.sh all [S]    build, test, targets per model, train, sanitize, in that order, within
 #                                        S seconds (default 330): a step that would start with less than
 #                                        30 s left is skipped and one that overruns is interrupted, so one
@@ -68,6 +70,7 @@ case "${1:-}" in
     filter=${2:-cuda}
     "$PY" -m pytest benchmarks -k "$filter" --benchmark-only -q -p no:cacheprovider \
       --benchmark-json="$DEST/${tag}_benchmarks_${filter//[^A-Za-z0-9_.-]/_}.json" 2>&1 | tail -5
+    "$PY" benchmarks/report.py "$DEST/${tag}_benchmarks_${filter//[^A-Za-z0-9_.-]/_}.json" || true
     ;;
   targets)
     model=${2:-}
@@ -81,6 +84,8 @@ case "${1:-}" in
     fi
     "$PY" -m pytest benchmarks/bench_masked_layers.py -k "$filter" --benchmark-only -q -p no:cacheprovider \
       --benchmark-json="$DEST/${tag}_targets${model:+_$model}.json" 2>&1 | tail -5
+    # the tables and the target verdicts, into this step's output (and `all`'s log)
+    "$PY" benchmarks/report.py "$DEST/${tag}_targets${model:+_$model}.json" || true
     ;;
   all)
     deadline=$((SECONDS + ${2:-330}))

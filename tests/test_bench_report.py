@@ -1,0 +1,133 @@
+"""benchmarks/report.py: the tables and target verdicts that BENCHMARKS.md is written from.
+
+Synthetic pytest-benchmark files with known medians (ratios and verdicts computed by hand), one real
+paired CPU benchmark run end to end (its JSON must carry the versions, and the report must read it), and
+the errors for files that are not these benchmarks' results."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import report  # noqa: E402  (benchmarks/report.py)
+
+
+def _layer(model, layer, phase, impl, sparsity, median, device="cuda", path=None):
+    extra = dict(model=model, layer=layer, device=device, phase=phase, impl=impl, sparsity=sparsity,
+                 dtype="torch.float32")
+    if path:
+        extra["path"] = path
+    return {"name": f"test_masked_layer[{model}-{layer}-{device}-{phase}-{impl}-{sparsity}]",
+            "stats": {"median": median}, "extra_info": extra}
+
+
+def _paired(model, layer, sparsity, dense, masked, skipped=False):
+    return {"name": f"test_masked_layer_cpu_ratio[{model}-{layer}-cpu-{sparsity}]", "stats": {"median": dense + masked},
+            "extra_info": dict(model=model, layer=layer, device="cpu", sparsity=sparsity, threads=1, clock="thread_time",
+                               dense_median_s=dense, masked_median_s=masked, ratio=masked / dense,
+                               rows_skipped=skipped)}
+
+
+def _write(tmp_path, benches, name="r.json"):
+    data = {"machine_info": {"cpu": {"brand_raw": "Test CPU", "count": 2},
+                             "rgkernels": {"torch": "9.9", "triton": "8.8", "cuda": "13.0", "gpu": "Test GPU",
+                                           "extension": "compiled, with CUDA kernels"}},
+            "commit_info": {"id": "abcdef1234567890", "dirty": False}, "datetime": "2026-11-27T00:00:00",
+            "benchmarks": benches}
+    p = tmp_path / name
+    p.write_text(json.dumps(data))
+    return str(p)
+
+
+def test_theoretical_ratios_follow_active_flops():
+    # DESIGN.md §4: a step is 1/3 weight gradient (dense) + 2/3 forward and input gradient (scaled by density)
+    assert report.theoretical("step", "keep1.0") == pytest.approx(1.0)
+    assert report.theoretical("step", "keep0.5") == pytest.approx(2.0 / 3.0)
+    assert report.theoretical("step", "rows25") == pytest.approx(1.0 / 3.0 + 2.0 / 3.0 * 0.75)
+    assert report.theoretical("fwd_dgrad", "rows50") == pytest.approx(0.5)
+    assert report.theoretical("fwd_dgrad", "keep0.3") == pytest.approx(0.3)
+    with pytest.raises(report.ReportError, match="sparsity"):
+        report.density("half")
+    with pytest.raises(report.ReportError, match="phase"):
+        report.theoretical("forward", "keep1.0")
+
+
+def test_gpu_tables_and_verdicts(tmp_path):
+    benches = [
+        # layer A: keep 1.0 at exactly the bound (met), rows50 fwd_dgrad 0.6 (met)
+        _layer("m", "A", "step", "dense", "-", 2.0), _layer("m", "A", "step", "masked", "keep1.0", 2.1, path="fused"),
+        _layer("m", "A", "fwd_dgrad", "dense", "-", 1.0),
+        _layer("m", "A", "fwd_dgrad", "masked", "rows50", 0.6, path="fused"),
+        # layer B: keep 1.0 just over (missed), rows50 0.7 (missed)
+        _layer("m", "B", "step", "dense", "-", 1.0),
+        _layer("m", "B", "step", "masked", "keep1.0", 1.0511, path="masked_weight"),
+        _layer("m", "B", "fwd_dgrad", "dense", "-", 1.0),
+        _layer("m", "B", "fwd_dgrad", "masked", "rows50", 0.7, path="masked_weight"),
+        # the fused path on its own: within both bounds
+        _layer("m", "A", "step", "fused", "keep1.0", 2.0), _layer("m", "B", "step", "fused", "keep1.0", 1.0),
+    ]
+    text = report.report(_write(tmp_path, benches))
+    assert "- GPU: Test GPU" in text and "torch 9.9, Triton 8.8" in text and "commit: abcdef123456" in text
+    assert "| m A | 2 s | 1.05 (fused) |" in text
+    assert "| m B | 1 s | 1.05 (mw) |" in text
+    assert "| theoretical (active FLOPs) | | 1.00 | 0.70 | 0.50 | 0.30 | 0.75 | 0.50 |" in text  # fwd_dgrad: d
+    assert "| theoretical (active FLOPs) | | 1.00 | 0.80 | 0.67 | 0.53 | 0.83 | 0.67 |" in text  # step
+    lines = [ln for ln in text.splitlines() if ln.startswith("- GPU target")]
+    keep_auto = next(ln for ln in lines if "keep ratio 1.0" in ln and "impl masked" in ln)
+    assert "**missed**" in keep_auto and "1 of 2 layers" in keep_auto and "m B 1.051x" in keep_auto
+    keep_fused = next(ln for ln in lines if "keep ratio 1.0" in ln and "impl fused" in ln)
+    assert "**met**" in keep_fused and "2 of 2" in keep_fused
+    rows = next(ln for ln in lines if "50% of rows" in ln and "impl masked" in ln)
+    assert "**missed**" in rows and "m B 0.700x" in rows and "m A" not in rows.split("over:")[1]
+
+
+def test_missing_dense_baseline_is_shown_not_divided(tmp_path):
+    text = report.report(_write(tmp_path, [_layer("m", "A", "step", "masked", "keep1.0", 1.0)]))
+    assert "| m A | - | no dense |" in text
+    assert "no case of a #4 target" in text
+
+
+def test_cpu_paired_table_and_verdict(tmp_path):
+    benches = [_paired("s", "L", "keep1.0", 1.0, 1.05), _paired("s", "L", "rows50", 2.0, 1.4, skipped=True),
+               _paired("s", "C", "keep0.5", 1.0, 1.2)]
+    text = report.report(_write(tmp_path, benches))
+    assert "| s L | 1, thread_time | 1 s-2 s | 1.05 | - | - | - | - | 0.70* |" in text
+    verdict = next(ln for ln in text.splitlines() if ln.startswith("- CPU target"))
+    assert "**missed**" in verdict and "2 of 3 cases" in verdict and "range 0.70-1.20x" in verdict
+    assert "s C keep0.5 (1 thread) 1.200x" in verdict and "s L" not in verdict.split("over:")[1]
+
+
+def test_bad_files_name_the_problem(tmp_path, capsys):
+    not_json = tmp_path / "x.json"
+    not_json.write_text("{oops")
+    other = tmp_path / "y.json"
+    other.write_text(json.dumps({"results": []}))
+    no_extra = _write(tmp_path, [{"name": "test_masked_layer[x]", "stats": {"median": 1.0}, "extra_info": {}}], "z.json")
+    assert report.main([str(not_json), str(other), no_extra]) == 1
+    err = capsys.readouterr().err
+    assert "x.json: cannot read a JSON file" in err
+    assert "y.json: not a pytest-benchmark JSON file" in err
+    assert "extra_info lacks" in err
+
+
+def test_a_real_paired_run_reports_its_versions(tmp_path):
+    """The benchmark's own JSON (benchmarks/conftest.py adds the versions) read back by the report."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, RGKERNELS_BENCH_PAIRED_ROUNDS="2")
+    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_masked_layers.py", "-q", "-p",
+                        "no:cacheprovider", "--benchmark-only", f"--benchmark-json={out}",
+                        "-k", "test_masked_layer_cpu_ratio and sngan32-G.l1 and (keep1.0 or rows50)"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    info = json.loads(out.read_text())["machine_info"]["rgkernels"]
+    import torch
+
+    assert info["torch"] == torch.__version__ and info["threads"] >= 1
+    r = subprocess.run([sys.executable, "benchmarks/report.py", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"torch {torch.__version__}" in r.stdout
+    assert "| sngan32 G.l1 | 1, thread_time |" in r.stdout and "- CPU target" in r.stdout
