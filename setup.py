@@ -55,7 +55,7 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     here = os.path.dirname(os.path.abspath(__file__))
-    cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cpu_sources = ["csrc/ops.cpp", "csrc/masked_weight_node.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs = [os.path.join(here, "csrc", "include")]
     # -ffp-contract=off: no FMA contraction, so the kernels match the reference bit for bit.

@@ -22,6 +22,7 @@
 #include <string>
 
 #include "rgkernels/masked_weight.h"
+#include "rgkernels/masked_weight_node.h"
 #include "cpu/buffer_pool.h"
 #include "cpu/masked_linear_cpu.h"
 #include "cpu/masked_weight_rows.h"
@@ -164,6 +165,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &rgkernels::cpu::active_isa,
         "instruction set of the CPU row kernels in use (avx512, avx2 or baseline)");
   m.def("cpu_isas", &rgkernels::cpu::supported_isas, "instruction sets this CPU can run, best first");
+  m.def("masked_weight_autograd", &rgkernels::masked_weight_autograd, pybind11::arg("weight"),
+        pybind11::arg("threshold"), pybind11::arg("grad_mode"), pybind11::arg("guard_ratio"),
+        "(W * M, keep counts) through the compiled ops of the weight's device, with the autograd node in C++ "
+        "(csrc/masked_weight_node.cpp)");
   m.def(
       "masked_linear_cpu",
       [](const at::Tensor& input, const at::Tensor& weight, const at::Tensor& threshold,

@@ -414,3 +414,128 @@ def test_torch_compile_inductor_guard_mutation_visible():
         assert torch.equal(t1.detach(), t2.detach())
         assert torch.equal(w1.grad, w2.grad) and torch.equal(t1.grad, t2.grad)
     assert (t2.detach() == 0).all()
+
+
+# ---- the C++ autograd node of the compiled backends (csrc/masked_weight_node.cpp) -------------------
+
+def _node_params():
+    out = [pytest.param("cpu", id="cpu")]
+    if torch.cuda.is_available():
+        out.append(pytest.param("cuda", id="cuda", marks=pytest.mark.gpu))
+    return out
+
+
+def _node_run(monkeypatch, cpp, w, t, g, **kw):
+    """masked_weight forward + backward through the C++ node (cpp=True) or the Python Function: output,
+    counts, the threshold after the call, grad W, grad t, and the name of the node autograd recorded."""
+    from rgkernels.ops import masked_weight as MW
+
+    monkeypatch.setattr(MW, "CPP_NODE", cpp)
+    w = w.clone().requires_grad_(kw.pop("w_grad", True))
+    t = t.clone().requires_grad_(kw.pop("t_grad", True))
+    out, counts = rgkernels.masked_weight(w, t, return_counts=True, **kw)
+    node = out.grad_fn.name() if out.grad_fn is not None else None
+    if out.requires_grad:
+        out.backward(g)
+    return out.detach(), counts, t.detach(), w.grad, t.grad, node
+
+
+@pytest.mark.parametrize("dev", _node_params())
+@pytest.mark.parametrize("shape", [(3, 7), (6, 3, 3, 3), (17, 65), (0, 4), (2, 0, 3, 3)], ids=str)
+@pytest.mark.parametrize("mode", ["dst", "masked"])
+def test_cpp_node_matches_python_function(monkeypatch, dev, shape, mode):
+    """Bit for bit the Python Function's results (both call the same kernels), recorded as a C++ node."""
+    _require(dev, dev)
+    w = rand(shape, device=dev)
+    t = (torch.rand(shape[0], device=dev) * 0.8) if shape[0] else torch.zeros(0, device=dev)
+    g = rand(shape, device=dev)
+    cpp = _node_run(monkeypatch, True, w, t, g, grad_mode=mode)
+    py = _node_run(monkeypatch, False, w, t, g, grad_mode=mode)
+    assert "CppNode" in cpp[5] and "MaskedWeightFn" in cpp[5], cpp[5]
+    assert "CppNode" not in py[5]
+    for a, b in zip(cpp[:5], py[:5]):
+        assert a.shape == b.shape and torch.equal(a, b)
+    if w.numel() == 0:
+        return
+    ref = ref64(w, t, g, mode)  # and both are the §2 reference
+    torch.testing.assert_close(cpp[3].double(), ref[3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cpp[4].double(), ref[4], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dev", _node_params())
+def test_cpp_node_inputs_strides_guard_and_needs(monkeypatch, dev):
+    _require(dev, dev)
+    base = rand((12, 10), device=dev)
+    w = base.t()[:, ::2].t()  # [6, 10], strided (every other row of base)
+    t = torch.full((w.shape[0],), 0.3, device=dev)
+    g = rand(tuple(w.shape), device=dev)
+    for kw in ({}, {"w_grad": False}, {"t_grad": False}):
+        cpp = _node_run(monkeypatch, True, w, t, g, **kw)
+        py = _node_run(monkeypatch, False, w, t, g, **kw)
+        for a, b in zip(cpp[:5], py[:5]):
+            assert (a is None and b is None) or torch.equal(a, b)
+    # neither input needs a gradient: no graph at all
+    out = _node_run(monkeypatch, True, w, t, g, w_grad=False, t_grad=False)
+    assert out[5] is None
+    # the collapse guard resets the threshold in place, as in the Python Function
+    t_all = torch.full((w.shape[0],), 100.0, device=dev)
+    cpp = _node_run(monkeypatch, True, w, t_all, g)
+    py = _node_run(monkeypatch, False, w, t_all, g)
+    assert (cpp[2] == 0).all() and torch.equal(cpp[0], w) and torch.equal(cpp[4], py[4])
+
+
+@pytest.mark.parametrize("dev", _node_params())
+def test_cpp_node_layer_reused_and_gradient_penalty(monkeypatch, dev):
+    """A conv layer called twice before one backward (D(real), D(fake)), then an R1-style penalty (the
+    input gradient differentiated again, create_graph=True): every gradient equals the Python Function's."""
+    _require(dev, dev)
+    from rgkernels.ops import masked_weight as MW
+
+    torch.manual_seed(0)
+    layer = rgkernels.MaskedConv2d(3, 6, 3, padding=1).to(dev)
+    with torch.no_grad():
+        layer.threshold.fill_(0.05)
+    x1, x2 = torch.randn(2, 3, 5, 5, device=dev), torch.randn(2, 3, 5, 5, device=dev)
+    results = {}
+    for cpp in (True, False):
+        monkeypatch.setattr(MW, "CPP_NODE", cpp)
+        layer.zero_grad(set_to_none=True)
+        a = x1.clone().requires_grad_()
+        y = layer(a).square().sum() + layer(x2).sin().sum()
+        (ga,) = torch.autograd.grad(y, a, create_graph=True)
+        (y + ga.square().sum()).backward()
+        results[cpp] = [p.grad.clone() for p in (layer.weight, layer.threshold, layer.bias)]
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert results[True][1].abs().sum() > 0  # the threshold gradient is not trivially 0
+
+
+def test_cpp_node_saved_tensor_hooks_and_dispatch_modes(monkeypatch):
+    """The node saves through autograd's saved-tensor hooks, and its ops pass the dispatcher (a dispatch
+    mode sees them), as the Python Function's do."""
+    _require("cpu", "cpu")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rgkernels.ops import masked_weight as MW
+
+    monkeypatch.setattr(MW, "CPP_NODE", True)
+    w = rand((4, 9)).requires_grad_()
+    t = torch.full((4,), 0.2, requires_grad=True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: packed.append(x.shape) or x, lambda x: x):
+        out = rgkernels.masked_weight(w, t)
+    assert "CppNode" in out.grad_fn.name() and torch.Size([4, 9]) in packed
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log() as log:
+        out = rgkernels.masked_weight(w, t)
+        out.backward(torch.ones_like(out))
+    assert any("masked_weight_fwd" in o for o in log.ops) and any("masked_weight_bwd" in o for o in log.ops)

@@ -153,8 +153,25 @@ def masked_weight(
     gm = _grad_mode_id(grad_mode)
     g = guard_value(guard_ratio)
     name = _resolve(weight, threshold, backend)
-    out, counts = _MaskedWeightFn.apply(weight, threshold, gm, g, name)
+    node = _cpp_node() if name in ("cpu", "cuda") and not torch.compiler.is_compiling() else None
+    if node is not None:  # the same node in C++: no Python in the forward's apply nor in the backward
+        out, counts = node(weight, threshold, gm, g)
+    else:
+        out, counts = _MaskedWeightFn.apply(weight, threshold, gm, g, name)
     return (out, counts) if return_counts else out
+
+
+CPP_NODE = True  # False: the compiled backends' calls go through _MaskedWeightFn (tests compare the two)
+
+
+def _cpp_node():
+    """`rgkernels._C.masked_weight_autograd` (csrc/masked_weight_node.cpp): _MaskedWeightFn in C++, for
+    the compiled backends. On small layers a step is bound by the host's time per call, and a Python
+    autograd.Function's backward, called by the engine under the GIL, is a visible share of it. None
+    without the extension (or one built before it), when CPP_NODE is False, and under torch.compile,
+    which traces the Python Function."""
+    ext = _backend.extension()
+    return getattr(ext, "masked_weight_autograd", None) if CPP_NODE else None
 
 
 class _GroupedFn(torch.autograd.Function):
