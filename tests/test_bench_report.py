@@ -116,6 +116,7 @@ def test_bad_files_name_the_problem(tmp_path, capsys):
 
 def test_a_real_paired_run_reports_its_versions(tmp_path):
     """The benchmark's own JSON (benchmarks/conftest.py adds the versions) read back by the report."""
+    pytest.importorskip("pytest_benchmark", reason="the benchmarks need pytest-benchmark")
     out = tmp_path / "bench.json"
     env = dict(os.environ, RGKERNELS_BENCH_PAIRED_ROUNDS="2")
     r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_masked_layers.py", "-q", "-p",
