@@ -42,7 +42,8 @@ class MaskedWeightFn : public torch::autograd::Function<MaskedWeightFn> {
     // every call, and a layer used twice before one backward (D(real), D(fake)) would fail the check.
     ctx->saved_data["threshold"] = threshold;
     ctx->saved_data["grad_mode"] = grad_mode;
-    ctx->mark_non_differentiable({counts});
+    // The counts are int32, which autograd never differentiates: no mark_non_differentiable, which
+    // compiled autograd refuses for C++ nodes (an internal assert in CppNode::compiled_args).
     ctx->set_materialize_grads(false);  // no zero-filled gradient for the counts in every backward
     return {weight.dim() == 2 ? out : out.view(weight.sizes()), counts};
   }

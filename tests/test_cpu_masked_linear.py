@@ -599,3 +599,31 @@ def test_a_backward_into_the_input_alone_runs_no_weight_gradient(impl):
     torch.testing.assert_close(dx, x.grad, rtol=0, atol=0)
     assert w.grad is not None and t.grad is not None
 
+
+
+def test_backward_under_compiled_autograd(impl):
+    """An eager forward through the node, its backward under compiled autograd (torch.compile of the
+    backward graph): the gradients of the plain backward, bit for bit. Compiled autograd refuses C++ nodes
+    that mark outputs non-differentiable (an internal assert), so the C++ node must not."""
+    import torch._dynamo.compiled_autograd as ca
+
+    torch.manual_seed(0)
+    layer = rgkernels.MaskedLinear(8, 6)
+    with torch.no_grad():
+        layer.threshold.fill_(0.1)
+    x = torch.randn(3, 8)
+    grads = []
+    for compiled in (False, True):
+        layer.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        y = layer(xx)
+        assert ("MaskedLinearFn" in y.grad_fn.name()) == (impl != "python"), y.grad_fn.name()
+        if compiled:
+            torch._dynamo.reset()
+            with ca._enable(torch.compile(backend="eager")):
+                y.square().sum().backward()
+        else:
+            y.square().sum().backward()
+        grads.append([xx.grad, layer.weight.grad, layer.threshold.grad, layer.bias.grad])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -539,3 +539,29 @@ def test_cpp_node_saved_tensor_hooks_and_dispatch_modes(monkeypatch):
         out = rgkernels.masked_weight(w, t)
         out.backward(torch.ones_like(out))
     assert any("masked_weight_fwd" in o for o in log.ops) and any("masked_weight_bwd" in o for o in log.ops)
+
+
+def test_cpp_node_backward_under_compiled_autograd(monkeypatch):
+    """An eager forward through the C++ node, its backward under compiled autograd: the plain backward's
+    gradients (compiled autograd refuses C++ nodes that mark outputs non-differentiable; the counts are
+    int32, which autograd never differentiates anyway)."""
+    _require("cpu", "cpu")
+    import torch._dynamo.compiled_autograd as ca
+
+    from rgkernels.ops import masked_weight as MW
+
+    monkeypatch.setattr(MW, "CPP_NODE", True)
+    w0, t0 = rand((4, 6)), torch.full((4,), 0.3)
+    grads = []
+    for compiled in (False, True):
+        w, t = w0.clone().requires_grad_(), t0.clone().requires_grad_()
+        out, counts = rgkernels.masked_weight(w, t, return_counts=True)
+        assert "CppNode" in out.grad_fn.name() and not counts.requires_grad
+        if compiled:
+            torch._dynamo.reset()
+            with ca._enable(torch.compile(backend="eager")):
+                out.square().sum().backward()
+        else:
+            out.square().sum().backward()
+        grads.append((w.grad, t.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

@@ -277,7 +277,8 @@ class MaskedLinearFn : public torch::autograd::Function<MaskedLinearFn> {
     // (at::empty and a store: at::full's dispatch cost ~20 us, ~1% of a small layer's step)
     at::Tensor n_live = at::empty({1}, counts.options().dtype(at::kLong));
     *n_live.data_ptr<int64_t>() = ran == O ? -1 : ran;
-    ctx->mark_non_differentiable({bits, counts, n_live});
+    // bits, counts and n_live are integer tensors, which autograd never differentiates: not marked,
+    // since compiled autograd refuses mark_non_differentiable on C++ nodes (an internal assert).
     ctx->set_materialize_grads(false);  // no zero-filled gradients for the mask and the counts
     return {y, bits, counts, n_live};
   }
