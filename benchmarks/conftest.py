@@ -46,5 +46,4 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "extension": ("not built (reference / Triton paths only)" if ext is None else
                       "compiled, with CUDA kernels" if _backend.build_info().get("cuda") else "compiled, CPU kernels only"),
-        "threads": torch.get_num_threads(),
     }

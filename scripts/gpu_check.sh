@@ -68,9 +68,11 @@ case "${1:-}" in
     ;;
   bench)
     filter=${2:-cuda}
+    rc=0  # a failed case still leaves the others' JSON: report it, then exit with pytest's status
     "$PY" -m pytest benchmarks -k "$filter" --benchmark-only -q -p no:cacheprovider \
-      --benchmark-json="$DEST/${tag}_benchmarks_${filter//[^A-Za-z0-9_.-]/_}.json" 2>&1 | tail -5
+      --benchmark-json="$DEST/${tag}_benchmarks_${filter//[^A-Za-z0-9_.-]/_}.json" 2>&1 | tail -5 || rc=$?
     "$PY" benchmarks/report.py "$DEST/${tag}_benchmarks_${filter//[^A-Za-z0-9_.-]/_}.json" || true
+    exit "$rc"
     ;;
   targets)
     model=${2:-}
@@ -82,10 +84,12 @@ case "${1:-}" in
       "$PY" -m pytest benchmarks/bench_masked_layers.py -k "$filter" --benchmark-disable -q -p no:cacheprovider \
         "${XDIST[@]}" 2>&1 | tail -2
     fi
+    rc=0  # a failed case still leaves the others' JSON: report it, then exit with pytest's status
     "$PY" -m pytest benchmarks/bench_masked_layers.py -k "$filter" --benchmark-only -q -p no:cacheprovider \
-      --benchmark-json="$DEST/${tag}_targets${model:+_$model}.json" 2>&1 | tail -5
+      --benchmark-json="$DEST/${tag}_targets${model:+_$model}.json" 2>&1 | tail -5 || rc=$?
     # the tables and the target verdicts, into this step's output (and `all`'s log)
     "$PY" benchmarks/report.py "$DEST/${tag}_targets${model:+_$model}.json" || true
+    exit "$rc"
     ;;
   all)
     deadline=$((SECONDS + ${2:-330}))
