@@ -26,6 +26,10 @@ the thread's CPU time:
 page-faulted in at every allocation (glibc maps blocks over 32 MB afresh); THP_MEM_ALLOC_ENABLE=1 (a
 PyTorch setting: transparent huge pages for CPU tensors) cuts that cost about 4x for dense and masked.
 
+On a GPU each case also records extra_info["host_median_s"], the host's time to issue a step (forward and
+backward, before the sync that ends it): where it is close to the step's time, the step is bound by the host
+(Python, kernel launches), not by the GPU (benchmarks/report.py tabulates it for the target cases).
+
 Paired CPU ratio (`test_masked_layer_cpu_ratio`): on a shared machine two cases timed minutes apart
 differ by more than the 5% the CPU target allows, so each round there runs the dense layer and the
 masked layer back to back (alternating which goes first) and the ratio of their median times is
@@ -36,6 +40,8 @@ Targets (BENCHMARKS.md, not asserted): GPU keep 1.0 <= 1.05x dense and 50% rows 
 for fwd_dgrad; CPU masked <= 1.05x dense for a step.
 """
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -145,20 +151,26 @@ def test_masked_layer(benchmark, case, device, phase, impl, sparsity):
                                 sparsity=sparsity, weight=list(case[3]), input=list(case[4]),
                                 threads=torch.get_num_threads(), dtype=str(dtype))
     backend = "reference" if impl == "eager" else None
+    host = []  # per step, the host's time to issue it (on a GPU: before the sync that ends the step)
 
     def run():
+        t0 = time.perf_counter()
         with rgkernels.use_backend(backend):
             y = layer(x)
         y.backward(g)
         x.grad = None
         for p in params:
             p.grad = None
+        host.append(time.perf_counter() - t0)
         sync(device)
 
     run()  # JIT / "auto" decision outside the timing
     if impl == "masked" and isinstance(layer, rgkernels.MaskedLayer):
         benchmark.extra_info["path"] = sparse_exec.resolve(layer, x, layer.weight)
-    benchmark.pedantic(run, rounds=_rounds(case, device), warmup_rounds=1)
+    rounds = _rounds(case, device)
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
+    if device == "cuda":  # a step whose issue takes about as long as the step is bound by the host, not the GPU
+        benchmark.extra_info["host_median_s"] = statistics.median(host[-rounds:])
 
 
 PAIRED_ROUNDS = int(os.environ.get("RGKERNELS_BENCH_PAIRED_ROUNDS", "25"))

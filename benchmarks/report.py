@@ -124,7 +124,7 @@ def layer_tables(benches: Iterable[dict]) -> Tuple[List[str], Dict[tuple, dict]]
     for b in benches:
         e = _check_entry(b, ("device", "dtype", "phase", "impl", "sparsity", "model", "layer"))
         key = tuple(e[k] for k in ("device", "dtype", "phase", "impl", "sparsity", "model", "layer"))
-        med[key] = {"median": b["stats"]["median"], "path": e.get("path")}
+        med[key] = {"median": b["stats"]["median"], "path": e.get("path"), "host": e.get("host_median_s")}
     ratios: Dict[tuple, dict] = defaultdict(dict)
     out: List[str] = []
     for device, dtype, phase in sorted({k[:3] for k in med}):
@@ -154,7 +154,31 @@ def layer_tables(benches: Iterable[dict]) -> Tuple[List[str], Dict[tuple, dict]]
                     path = PATH_SHORT.get(m["path"], m["path"]) if impl == "masked" and m["path"] else None
                     cells.append(f"{r:.2f}" + (f" ({path})" if path else ""))
                 out.append(f"| {model} {layer} | {_ms(dense['median']) if dense else '-'} | " + " | ".join(cells) + " |")
-    return out, ratios
+    return out + host_tables(med), ratios
+
+
+HOST_BOUND = 0.8  # issuing a step takes at least this share of the step: the host, not the GPU, sets its time
+
+
+def host_tables(med: Dict[tuple, dict]) -> List[str]:
+    """For the GPU target cases that recorded it: the host's time to issue a step next to the step's time."""
+    out: List[str] = []
+    for device, phase, sparsity, _, _ in GPU_TARGETS:
+        for dtype in sorted({k[1] for k in med if k[0] == device and k[2] == phase}):
+            rows = []
+            for model, layer in sorted({k[5:] for k in med if k[:3] == (device, dtype, phase)}):
+                dense = med.get((device, dtype, phase, "dense", "-", model, layer))
+                auto = med.get((device, dtype, phase, "masked", sparsity, model, layer))
+                if not dense or not auto or dense["host"] is None or auto["host"] is None:
+                    continue
+                bound = [n for n, m in (("dense", dense), ("auto", auto)) if m["host"] >= HOST_BOUND * m["median"]]
+                rows.append(f"| {model} {layer} | {_ms(dense['median'])} / {_ms(dense['host'])} | "
+                            f"{_ms(auto['median'])} / {_ms(auto['host'])} | {', '.join(bound) or '-'} |")
+            if rows:
+                out += ["", f"**{device}, {dtype.replace('torch.', '')}, {phase}: the host's time to issue a step** "
+                        f"(median step / median issue, before the sync; host-bound: issue >= {HOST_BOUND} of the step)", "",
+                        f"| layer | dense | auto, {sparsity} | host-bound |", "|---|---|---|---|"] + rows
+    return out
 
 
 def paired_table(benches: Iterable[dict]) -> Tuple[List[str], List[Tuple[str, float]]]:

@@ -16,11 +16,13 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import report  # noqa: E402  (benchmarks/report.py)
 
 
-def _layer(model, layer, phase, impl, sparsity, median, device="cuda", path=None):
+def _layer(model, layer, phase, impl, sparsity, median, device="cuda", path=None, host=None):
     extra = dict(model=model, layer=layer, device=device, phase=phase, impl=impl, sparsity=sparsity,
                  dtype="torch.float32")
     if path:
         extra["path"] = path
+    if host is not None:
+        extra["host_median_s"] = host
     return {"name": f"test_masked_layer[{model}-{layer}-{device}-{phase}-{impl}-{sparsity}]",
             "stats": {"median": median}, "extra_info": extra}
 
@@ -111,6 +113,19 @@ def test_gpu_verdict_incomplete_or_not_measured(tmp_path):
     text = report.report(_write(tmp_path, benches + bf16, "d.json"))
     assert "GPU target (float32), keep ratio 1.0" in text and "GPU target (bfloat16), keep ratio 1.0" in text
     assert "**missed** (0 of 1" in text and "**met** (1 of 1" in text
+
+
+def test_host_time_table(tmp_path):
+    benches = [_layer("m", "A", "step", "dense", "-", 100e-6, host=50e-6),
+               _layer("m", "A", "step", "masked", "keep1.0", 130e-6, path="masked_weight", host=120e-6),
+               _layer("m", "B", "step", "dense", "-", 2e-3, host=1e-4),
+               _layer("m", "B", "step", "masked", "keep1.0", 2e-3, host=1e-4),
+               _layer("m", "C", "step", "dense", "-", 2e-3)]  # no host time: not in the table
+    text = report.report(_write(tmp_path, benches))
+    assert "the host's time to issue a step" in text
+    assert "| m A | 100 us / 50 us | 130 us / 120 us | auto |" in text  # 120/130 >= 0.8; 50/100 not
+    assert "| m B | 2 ms / 100 us | 2 ms / 100 us | - |" in text
+    assert "| m C |" not in text.split("the host's time")[1]
 
 
 def test_cpu_gemm_paths_table(tmp_path):
