@@ -105,3 +105,43 @@ def test_cpu_kernel_per_isa(benchmark, isa, phase):
             benchmark.pedantic(lambda: ops.masked_weight_bwd(g, w, t, 0), rounds=30, warmup_rounds=2)
     finally:
         ext.set_cpu_isa(old)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_autograd_node_host_time(benchmark, device):
+    """The masked-weight op's autograd node in C++ against the Python autograd.Function, on a 4K weight
+    whose kernels take microseconds: what is left is the host's time per call (on a GPU, a small layer's
+    step is bound by it). The two alternate in rounds of 200 forward + backward calls; extra_info holds
+    each one's median per call and the ratio (C++ / Python)."""
+    import statistics
+    import time
+
+    from rgkernels.ops import masked_weight as MW
+
+    if _backend.choose(device) not in ("cpu", "cuda") or MW._cpp_node() is None:
+        pytest.skip("no compiled backend with the C++ node here")
+    w, t, g = _inputs("4K", device)
+    times = {True: [], False: []}
+
+    def calls(cpp, n=200):
+        MW.CPP_NODE = cpp
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            _step(rgkernels.masked_weight, w, t, g)
+        sync(device)
+        times[cpp].append((time.perf_counter() - t0) / n)
+
+    def pair():
+        first = len(times[True]) % 2 == 0
+        for cpp in ((True, False) if first else (False, True)):
+            calls(cpp)
+
+    try:
+        calls(True), calls(False)  # warm-up
+        times[True].clear(), times[False].clear()
+        benchmark.pedantic(pair, rounds=15, warmup_rounds=0)
+    finally:
+        MW.CPP_NODE = True
+    cpp, py = statistics.median(times[True]), statistics.median(times[False])
+    benchmark.extra_info.update(device=device, numel=w.numel(), cpp_median_s=cpp, python_median_s=py, ratio=cpp / py)

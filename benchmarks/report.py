@@ -9,9 +9,12 @@ For each file: the machine (CPU, GPU, torch / Triton versions as benchmarks/conf
     theoretical ratio (active FLOPs, DESIGN.md §4: a step is forward + input gradient + weight gradient,
     and only the first two shrink with the density d, so step = 1/3 + 2/3 d and fwd_dgrad = d; only the
     entirely pruned rows are a saving a dense GEMM can realise). For "masked" (execution "auto") the path
-    it chose is given after the ratio.
+    it chose is given after the ratio. On a GPU, for the target cases, the host's time to issue a step
+    beside the step's time (a step that takes about as long to issue is bound by the host).
   * `test_masked_layer_cpu_ratio`: the paired ratios (dense and masked timed in the same rounds).
   * `test_cpu_masked_linear_gemm_paths`: the paired ratios of the two CPU GEMM paths.
+  * `test_autograd_node_host_time` (bench_masked_weight.py): the masked-weight op's C++ autograd node
+    against its Python Function, time per call on a small weight.
 
 and the verdict of each #4 target the file has data for (GPU: keep 1.0 step <= 1.05x dense, 50% of rows
 pruned fwd_dgrad <= 0.65x dense; CPU: every paired ratio <= 1.05x). Ratios within one file only: timings
@@ -217,6 +220,16 @@ def gemm_paths_table(benches: Iterable[dict]) -> List[str]:
     return out
 
 
+def node_host_table(benches: Iterable[dict]) -> List[str]:
+    out = ["", "**masked_weight's autograd node, time per forward + backward call on a 4K weight** (the host's "
+           "time: the kernels take microseconds; C++ node and Python Function alternated)", "",
+           "| device | C++ node | Python Function | C++ / Python |", "|---|---|---|---|"]
+    for b in sorted(benches, key=lambda b: b.get("name", "")):
+        e = _check_entry(b, ("device", "cpp_median_s", "python_median_s", "ratio"))
+        out.append(f"| {e['device']} | {_ms(e['cpp_median_s'])} | {_ms(e['python_median_s'])} | {e['ratio']:.2f} |")
+    return out
+
+
 def _gpu_verdict(text: str, what: str, bound: float, got: Dict[tuple, Optional[float]]) -> str:
     measured = {k: r for k, r in got.items() if r is not None}
     missing = sorted(f"{m} {l}" for (m, l), r in got.items() if r is None)
@@ -279,8 +292,11 @@ def report(path: str) -> str:
         lines += table
     if by_test.get("test_cpu_masked_linear_gemm_paths"):
         lines += gemm_paths_table(by_test["test_cpu_masked_linear_gemm_paths"])
+    if by_test.get("test_autograd_node_host_time"):
+        lines += node_host_table(by_test["test_autograd_node_host_time"])
     others = sorted(t for t in by_test if t not in ("test_masked_layer", "test_masked_layer_cpu_ratio",
-                                                    "test_cpu_masked_linear_gemm_paths"))
+                                                    "test_cpu_masked_linear_gemm_paths",
+                                                    "test_autograd_node_host_time"))
     if others:
         lines += ["", f"(not tabulated here: {', '.join(others)})"]
     verdicts = verdict_lines(ratios, paired)

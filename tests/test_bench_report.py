@@ -128,6 +128,13 @@ def test_host_time_table(tmp_path):
     assert "| m C |" not in text.split("the host's time")[1]
 
 
+def test_node_host_time_table(tmp_path):
+    bench = {"name": "test_autograd_node_host_time[cpu]", "stats": {"median": 1.0},
+             "extra_info": dict(device="cpu", numel=4096, cpp_median_s=64e-6, python_median_s=128e-6, ratio=0.5)}
+    text = report.report(_write(tmp_path, [bench]))
+    assert "| cpu | 64 us | 128 us | 0.50 |" in text and "not tabulated" not in text
+
+
 def test_cpu_gemm_paths_table(tmp_path):
     bench = {"name": "test_cpu_masked_linear_gemm_paths[s-L-cpu-keep1.0]", "stats": {"median": 1.0},
              "extra_info": dict(model="s", layer="L", sparsity="keep1.0", dense_median_s=0.002,
