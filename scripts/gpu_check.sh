@@ -13,7 +13,8 @@
 #   bash scripts/gpu_check.sh targets [M] the masked-layer cases the #4 GPU targets need (keep 1.0 step,
 #                                        50% rows fwd_dgrad, their dense baselines), for model M
 #                                        (sngan32, stylegan2_256, fastgan256; default all), then their
-#                                        tables and target verdicts (benchmarks/report.py)
+#                                        tables and target verdicts (benchmarks/report.py); with sngan32
+#                                        (or all) also the masked-weight node's host time per call
 #   bash scripts/gpu_check.sh all [S]    build, test, targets per model, train, sanitize, in that order, within
 #                                        S seconds (default 330): a step that would start with less than
 #                                        30 s left is skipped and one that overruns is interrupted, so one
@@ -77,15 +78,22 @@ case "${1:-}" in
   targets)
     model=${2:-}
     filter="cuda and ${model:+$model and }((step and (dense or keep1.0)) or (fwd_dgrad and (dense or rows50)))"
+    files=(benchmarks/bench_masked_layers.py)
+    if [[ -z "$model" || "$model" == sngan32 ]]; then
+      # with the first model: the host's time per call of the masked-weight op's C++ node against its Python
+      # Function (a few seconds; why a small layer's step costs what it costs), in the same JSON file
+      files+=(benchmarks/bench_masked_weight.py)
+      filter="($filter) or (test_autograd_node_host_time and cuda)"
+    fi
     if ((${#XDIST[@]})); then
       # Untimed warm-up, in parallel: each case once, so that Triton's kernels for these shapes are compiled
       # into its disk cache before the timed run, which then loads them (the "auto" decisions are not
       # kept: they are made again, alone on the device, in the timed run).
-      "$PY" -m pytest benchmarks/bench_masked_layers.py -k "$filter" --benchmark-disable -q -p no:cacheprovider \
+      "$PY" -m pytest "${files[@]}" -k "$filter" --benchmark-disable -q -p no:cacheprovider \
         "${XDIST[@]}" 2>&1 | tail -2
     fi
     rc=0  # a failed case still leaves the others' JSON: report it, then exit with pytest's status
-    "$PY" -m pytest benchmarks/bench_masked_layers.py -k "$filter" --benchmark-only -q -p no:cacheprovider \
+    "$PY" -m pytest "${files[@]}" -k "$filter" --benchmark-only -q -p no:cacheprovider \
       --benchmark-json="$DEST/${tag}_targets${model:+_$model}.json" 2>&1 | tail -5 || rc=$?
     # the tables and the target verdicts, into this step's output (and `all`'s log)
     "$PY" benchmarks/report.py "$DEST/${tag}_targets${model:+_$model}.json" || true

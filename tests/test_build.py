@@ -140,6 +140,11 @@ def test_gpu_check_names_existing_files_and_benchmarks():
     text = open(GPU_CHECK).read()
     files = set(re.findall(r"tests/test_\w+\.py", text))
     assert files and all(os.path.isfile(os.path.join(ROOT, f)) for f in files), files
+    benches = set(re.findall(r"benchmarks/bench_\w+\.py", text))
+    assert benches and all(os.path.isfile(os.path.join(ROOT, f)) for f in benches), benches
+    named = set(re.findall(r"\((test_\w+) and cuda\)", text))  # benchmark functions a -k names
+    sources = "".join(open(os.path.join(ROOT, f)).read() for f in benches)
+    assert named and all(f"def {n}(" in sources for n in named), named
     targets = re.search(r'filter="cuda and \$\{model:\+\$model and \}(.+)"', text).group(1)  # the -k of `targets`
     for model in ("sngan32", "stylegan2_256", "fastgan256"):
         assert model in text
