@@ -122,3 +122,16 @@ def cpu_gemms():
     if ext is None:
         return ["aten"]
     return ["ukernel", "aten"] if ext.cpu_gemm_reason() in ("", "RGKERNELS_CPU_GEMM=aten") else ["aten"]
+
+
+def backward(loss, compiled: bool) -> None:
+    """loss.backward(), plainly or under compiled autograd (the backward graph through torch.compile, which
+    refuses some node constructs that the plain engine accepts)."""
+    if not compiled:
+        loss.backward()
+        return
+    import torch._dynamo.compiled_autograd as ca
+
+    torch._dynamo.reset()
+    with ca._enable(torch.compile(backend="eager")):
+        loss.backward()

@@ -15,7 +15,7 @@ from rgkernels import _backend
 from rgkernels.ops import cpu_masked_linear
 from rgkernels.ops.triton_mask_stats import unpack_bits
 
-from conftest import cpu_gemm, cpu_gemms, cpu_isa as isa
+from conftest import backward, cpu_gemm, cpu_gemms, cpu_isa as isa
 from test_masked_weight import ref64, rel_err
 
 
@@ -605,8 +605,6 @@ def test_backward_under_compiled_autograd(impl):
     """An eager forward through the node, its backward under compiled autograd (torch.compile of the
     backward graph): the gradients of the plain backward, bit for bit. Compiled autograd refuses C++ nodes
     that mark outputs non-differentiable (an internal assert), so the C++ node must not."""
-    import torch._dynamo.compiled_autograd as ca
-
     torch.manual_seed(0)
     layer = rgkernels.MaskedLinear(8, 6)
     with torch.no_grad():
@@ -618,12 +616,7 @@ def test_backward_under_compiled_autograd(impl):
         xx = x.clone().requires_grad_()
         y = layer(xx)
         assert ("MaskedLinearFn" in y.grad_fn.name()) == (impl != "python"), y.grad_fn.name()
-        if compiled:
-            torch._dynamo.reset()
-            with ca._enable(torch.compile(backend="eager")):
-                y.square().sum().backward()
-        else:
-            y.square().sum().backward()
+        backward(y.square().sum(), compiled)
         grads.append([xx.grad, layer.weight.grad, layer.threshold.grad, layer.bias.grad])
     for a, b in zip(*grads):
         assert torch.equal(a, b)

@@ -546,7 +546,7 @@ def test_cpp_node_backward_under_compiled_autograd(monkeypatch):
     gradients (compiled autograd refuses C++ nodes that mark outputs non-differentiable; the counts are
     int32, which autograd never differentiates anyway)."""
     _require("cpu", "cpu")
-    import torch._dynamo.compiled_autograd as ca
+    from conftest import backward
 
     from rgkernels.ops import masked_weight as MW
 
@@ -557,11 +557,6 @@ def test_cpp_node_backward_under_compiled_autograd(monkeypatch):
         w, t = w0.clone().requires_grad_(), t0.clone().requires_grad_()
         out, counts = rgkernels.masked_weight(w, t, return_counts=True)
         assert "CppNode" in out.grad_fn.name() and not counts.requires_grad
-        if compiled:
-            torch._dynamo.reset()
-            with ca._enable(torch.compile(backend="eager")):
-                out.square().sum().backward()
-        else:
-            out.square().sum().backward()
+        backward(out.square().sum(), compiled)
         grads.append((w.grad, t.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
