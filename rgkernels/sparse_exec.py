@@ -284,6 +284,18 @@ def decisions_generation() -> int:
     return _GENERATION
 
 
+_MEMO_GENERATION = object()  # the key under which current_memo keeps the generation a memo was filled in
+
+
+def current_memo(memo: dict) -> dict:
+    """`memo` (a module's dict of decisions per call signature: a lookup in the hot path that costs less
+    than building a decision key), emptied first if the decisions were forgotten since it was filled."""
+    if memo.get(_MEMO_GENERATION) != _GENERATION:
+        memo.clear()
+        memo[_MEMO_GENERATION] = _GENERATION
+    return memo
+
+
 def decide(key: str, candidates: Dict[str, Callable[[], None]], timer: Optional[Callable] = None,
            timer_all: Optional[Callable] = None, incumbent: str = "masked_weight",
            hysteresis: float = HYSTERESIS) -> str:

@@ -66,8 +66,7 @@ TRY_FROM = (0.25, 1e7)
 # the other way replaces the rule's where its measured time is at most this share of the rule's way's
 MARGIN = 0.9
 _FORCED: Optional[bool] = None  # tests: True / False take / skip the path whenever it applies
-_MEMO: dict = {}  # the decision per call signature, valid while sparse_exec's decisions are
-_MEMO_GEN = None
+_MEMO: dict = {}  # the decision per call signature (sparse_exec.current_memo)
 
 
 def worth_compacting(n_dead: int, cout: int, macs: float, threads: Optional[int] = None) -> bool:
@@ -88,7 +87,6 @@ def _choose(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], live: Tensor, conv
             cout: int, macs: float) -> bool:
     """Whether this call skips its dead rows: forced (tests), else measured per call signature (module
     docstring), else the measured rule."""
-    global _MEMO_GEN
     if _FORCED is not None:
         return _FORCED
     threads = torch.get_num_threads()
@@ -107,10 +105,8 @@ def _choose(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], live: Tensor, conv
     # decision made against one default must not be reused where the other is the default.
     mkey = (tuple(x.shape), tuple(w_hat.shape), conv, x.dtype, bias is not None, grads, bucket, threads, layout,
             rule)
-    if _MEMO_GEN != sparse_exec.decisions_generation():
-        _MEMO.clear()
-        _MEMO_GEN = sparse_exec.decisions_generation()
-    hit = _MEMO.get(mkey)
+    memo = sparse_exec.current_memo(_MEMO)
+    hit = memo.get(mkey)
     if hit is None:
         stride, padding, dilation, transposed, out_pad = conv
         key = (f"cpu_compact_conv|{'transposed' if transposed else 'conv'}|w{tuple(w_hat.shape)}|x{tuple(x.shape)}"
@@ -128,7 +124,7 @@ def _choose(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], live: Tensor, conv
                 _backend.warn_once(f"cpu-compact-measure:{key}", f"rgkernels: cannot time the compacted CPU "
                                    f"convolution for {key} ({str(exc).splitlines()[0]}); using the rule")
                 hit = "compact" if rule else "plain"
-        _MEMO[mkey] = hit
+        memo[mkey] = hit
     return hit == "compact"
 
 

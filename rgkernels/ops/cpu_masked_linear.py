@@ -160,10 +160,9 @@ def masked_linear_cpu(x: Tensor, weight: Tensor, threshold: Tensor, bias: Option
 
 GEMMS = ("aten", "ukernel")  # the C++ node's `gemm` argument is the index
 _UNMEASURABLE = set()  # keys whose timing run failed: the process-wide path, without retrying
-# (rows, out, in, bias, threads) -> the decided path, valid while sparse_exec's decisions are: the
-# forward of every CPU masked linear asks, and building the decision key costs more than the lookup.
+# (rows, out, in, bias, threads) -> the decided path, through sparse_exec.current_memo: the forward of
+# every CPU masked linear asks, and building the decision key costs more than the lookup.
 _MEMO: dict = {}
-_MEMO_GEN = None
 _sparse_exec = None  # rgkernels.sparse_exec, imported at the first call (it imports this package)
 
 
@@ -177,7 +176,7 @@ def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Te
     decided returns its path without those checks: where they apply, the node ignores the argument (a
     pinned choice wins, a dispatch mode or another dtype runs ATen's GEMMs, torch.compile runs the
     Python node)."""
-    global _MEMO_GEN, _sparse_exec
+    global _sparse_exec
     if torch.compiler.is_compiling():
         return -1
     if torch.are_deterministic_algorithms_enabled():
@@ -191,13 +190,10 @@ def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Te
     sparse_exec = _sparse_exec
     o, k = weight.shape
     mkey = (x2.numel() // max(k, 1), o, k, bias is not None, torch.get_num_threads())
-    if _MEMO_GEN == sparse_exec.decisions_generation():
-        hit = _MEMO.get(mkey)
-        if hit is not None:
-            return hit
-    else:
-        _MEMO.clear()
-        _MEMO_GEN = sparse_exec.decisions_generation()
+    memo = sparse_exec.current_memo(_MEMO)
+    hit = memo.get(mkey)
+    if hit is not None:
+        return hit
     ext = _backend.extension()
     if (ext is None or weight.dtype != torch.float32 or not hasattr(ext, "cpu_gemm_pinned")
             or torch.is_inference_mode_enabled() or ext.cpu_gemm_pinned()
@@ -219,8 +215,8 @@ def gemm_choice(x2: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Te
             _backend.warn_once(f"cpu-gemm-measure:{key}", f"rgkernels: cannot time the CPU GEMM paths for {key} "
                                                           f"({str(exc).splitlines()[0]}); using the default")
             return -1
-    _MEMO[mkey] = GEMMS.index(hit)
-    return _MEMO[mkey]
+    memo[mkey] = GEMMS.index(hit)
+    return memo[mkey]
 
 
 def _gemm_candidates(x2, weight, threshold, bias, grad_mode_id, guard_ratio):
