@@ -45,7 +45,8 @@ _PER_FORWARD = ("last_counts", "_last_masked", "_mask_cache", "_pre_masked", "_l
 # Also dropped on pickling/deepcopy: the copy's parameters are new objects without our gradient hook,
 # and the regeneration snapshot of rgkernels.layer_stats belongs to the original.
 # Chain links (weak references) and "auto" bookkeeping (CUDA events) are process-local as well.
-_TRANSIENT = _PER_FORWARD + ("_grad_hooked", "_stats_mask", "_chain_src", "_chain_seq", "_exec_state")
+_TRANSIENT = _PER_FORWARD + ("_grad_hooked", "_stats_mask", "_chain_src", "_chain_seq", "_exec_state",
+                              "_exec_memo")
 
 
 def unsupported_reparametrisation(module: nn.Module) -> Optional[str]:
@@ -97,6 +98,7 @@ class MaskedLayer:
     _exec_record = None  # live channel counts of the last forward that skipped GEMM work (count_flops)
     _exec_flops = None  # int64 [3] device counter of the FLOPs the fused kernels ran
     _exec_state = None  # "auto" bookkeeping
+    _exec_memo = None  # "auto" decisions per call signature (sparse_exec.auto_choice)
     _chain_src = None  # weakref to the producer layer of a chain (sparse_exec.compact_chains)
     _chain_dgrad = False
     _chain_seq = None

@@ -15,8 +15,10 @@
                                         linear, conv2d and conv_transpose2d (triton_masked_conv.py)
     layer.execution = "auto"            per (layer kind, shapes, dtype, device, gradients needed, share of
                                         entirely pruned rows): one timed run of both paths, cached in memory
-                                        and optionally on disk. On CPU and under the Triton interpreter "auto"
-                                        is always "masked_weight" (nothing is measured there).
+                                        and optionally on disk, and found again in later calls through a
+                                        memo per layer and call signature (auto_choice). On CPU and under the
+                                        Triton interpreter "auto" is always "masked_weight" (nothing is
+                                        measured there).
     rgkernels.sparse_exec.set_execution(module, mode) sets it on every masked layer; RGKERNELS_EXECUTION sets the
     default of layers that were never given one.
 
@@ -104,16 +106,21 @@ def set_execution(module: nn.Module, mode: str) -> nn.Module:
 # What can run fused
 # =============================================================================================
 
-def _kind(layer) -> str:
-    from .layers import MaskedConv2d, MaskedConvTranspose2d, MaskedLinear
+_KINDS: Dict[type, str] = {}  # layer class -> kind ("auto" asks in every call: isinstance chains cost)
 
-    if isinstance(layer, MaskedLinear):
-        return "linear"
-    if isinstance(layer, MaskedConv2d):
-        return "conv"
-    if isinstance(layer, MaskedConvTranspose2d):
-        return "conv_transpose"
-    return "other"
+
+def _kind(layer) -> str:
+    kind = _KINDS.get(type(layer))
+    if kind is None:
+        from .layers import MaskedConv2d, MaskedConvTranspose2d, MaskedLinear
+
+        kind = "other"
+        for cls, name in ((MaskedLinear, "linear"), (MaskedConv2d, "conv"), (MaskedConvTranspose2d, "conv_transpose")):
+            if isinstance(layer, cls):
+                kind = name
+                break
+        _KINDS[type(layer)] = kind
+    return kind
 
 
 def _conv_padding(layer) -> Optional[Tuple[int, int]]:
@@ -357,19 +364,22 @@ def _cuda_time(fn: Callable[[], None], warmup: int = 2, reps: int = 10) -> float
     return times[len(times) // 2] * 1e-3
 
 
-def _dead_bucket(layer, w_rows: Tensor) -> int:
+def _dead_bucket(layer, weight: Tensor) -> int:
     """Share of entirely pruned rows in eighths, from the last forward's counts. A synchronous read at
     a layer's first "auto" call, then every RECHECK_EVERY calls an asynchronous one (pinned copy +
     event), picked up by a later call once it has landed: no sync in the steady state."""
-    st = layer._exec_state
-    c = w_rows.shape[0]
+    d = layer.__dict__  # plain reads: this runs in every "auto" call
+    st = d.get("_exec_state")
+    t = layer._parameters["threshold"]
+    c = t.shape[0]  # one per mask row
     if st is None:
         counts = layer.last_counts
         if counts is None or counts.shape[0] != c:
             with torch.no_grad():
-                counts = ((w_rows.float().abs() - layer.threshold.float()[:, None]) > 0).sum(1)
+                w_rows = layer._to_rows(weight.detach()).reshape(c, -1)
+                counts = ((w_rows.float().abs() - t.float()[:, None]) > 0).sum(1)
         dead = int((counts == 0).sum())
-        st = layer._exec_state = {"calls": 0, "bucket": round(8 * dead / max(c, 1)), "pending": None}
+        st = d["_exec_state"] = {"calls": 0, "bucket": round(8 * dead / max(c, 1)), "pending": None}
         return st["bucket"]
     st["calls"] += 1
     pend = st["pending"]
@@ -437,8 +447,8 @@ def resolve(layer, x: Tensor, weight: Tensor, output_size=None) -> str:
     mode = layer.execution
     if mode == "masked_weight":
         return mode
-    ok, why = fused_support(layer, x, weight)
     if mode == "fused":
+        ok, why = fused_support(layer, x, weight)
         if not ok:
             _backend.warn_once(f"exec-fused:{type(layer).__name__}:{why}",
                                f"rgkernels: execution='fused' unavailable for {type(layer).__name__} ({why}); "
@@ -446,17 +456,79 @@ def resolve(layer, x: Tensor, weight: Tensor, output_size=None) -> str:
             return "masked_weight"
         return "fused"
     # auto: measured on CUDA only
-    if not ok or x.device.type != "cuda":
+    if x.device.type != "cuda":
         return "masked_weight"
+    return auto_choice(layer, x, weight, output_size)
+
+
+AUTO_MEMO_SIZE = 16  # call signatures remembered per layer (a layer usually sees one or two)
+_UNSUPPORTED = "unsupported"  # a memo entry: the fused kernels cannot run this call, whatever the mask
+
+
+def auto_choice(layer, x: Tensor, weight: Tensor, output_size=None) -> str:
+    """The path "auto" runs for this call. The cached decision is found through a memo on the layer,
+    keyed by what `fused_support` and the decision key depend on: on a small layer a GPU step is bound
+    by the host's time per call, and those checks plus the key's string cost several times the tuple
+    built here. The device check is the caller's (`resolve`: CUDA only); tests run this on the CPU,
+    under the Triton interpreter."""
     kind = _kind(layer)
-    bucket = _dead_bucket(layer, _rows(kind, weight).flatten(1))
+    if torch.compiler.is_compiling():  # traced once: no memo bookkeeping in the graph
+        return _auto_decision(layer, x, weight, kind, output_size)[0]
+    grad = torch.is_grad_enabled()
+    params = layer._parameters  # plain reads, not nn.Module.__getattr__ (about a microsecond each)
+    t = params["threshold"]
+    bias = params["bias"] if "bias" in params else layer.bias  # (a parametrised bias is not in _parameters)
+    geometry = None
+    if kind != "linear":
+        geometry = (layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode,
+                    layer.kernel_size, None if output_size is None else tuple(output_size))
+    sig = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, t.dtype, t.device,
+           grad and x.requires_grad, grad and (weight.requires_grad or t.requires_grad),
+           torch.is_autocast_enabled(x.device.type), bias is None, geometry)
+    d = layer.__dict__
+    memo = d.get("_exec_memo")
+    if memo is None:
+        memo = d["_exec_memo"] = {}
+    memo = current_memo(memo)  # emptied when the decisions were forgotten
+    entry = memo.get(sig)
+    if entry is _UNSUPPORTED:
+        return "masked_weight"
+    bucket = None  # counted once the fused kernels are known to apply
+    if entry is not None:
+        bucket = _dead_bucket(layer, weight)
+        hit = entry.get(bucket)
+        if hit is not None:
+            return hit
+    choice, status, bucket = _auto_decision(layer, x, weight, kind, output_size, bucket)
+    if status == "provisional":
+        return choice
+    if len(memo) > AUTO_MEMO_SIZE:
+        memo.clear()
+        current_memo(memo)
+    if status == _UNSUPPORTED:
+        memo[sig] = _UNSUPPORTED
+    else:
+        memo.setdefault(sig, {})[bucket] = choice
+    return choice
+
+
+def _auto_decision(layer, x: Tensor, weight: Tensor, kind: str, output_size=None,
+                   bucket: Optional[int] = None) -> Tuple[str, str, Optional[int]]:
+    """(path, status, dead-row bucket): status "unsupported" (the fused kernels cannot run this call;
+    no bucket), "decided" (the cached or newly measured decision) or "provisional" (a stand-in inside a
+    graph capture or a trace, which never times anything; a later call measures)."""
+    ok, _ = fused_support(layer, x, weight)
+    if not ok:
+        return "masked_weight", _UNSUPPORTED, None
+    if bucket is None:
+        bucket = _dead_bucket(layer, weight)
     key = _decision_key(layer, x, weight, kind, bucket, output_size)
     hit = _DECISIONS.get(key)
     if hit is not None:
-        return hit
-    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
-        return "masked_weight"  # never time inside a graph capture / trace
-    return decide(key, _measure_candidates(layer, x, weight, kind, output_size))
+        return hit, "decided", bucket
+    if (x.is_cuda and torch.cuda.is_current_stream_capturing()) or torch.compiler.is_compiling():
+        return "masked_weight", "provisional", bucket  # never time inside a graph capture / trace
+    return decide(key, _measure_candidates(layer, x, weight, kind, output_size)), "decided", bucket
 
 
 # =============================================================================================

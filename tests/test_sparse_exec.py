@@ -543,6 +543,73 @@ def test_auto_candidates_run_both_paths_on_copies(kind):
     SE.clear_decisions()
 
 
+@needs_triton
+def test_auto_choice_memo_per_call_signature(monkeypatch):
+    """"auto"'s decision found again through the layer's memo: the checks and the decision key run once
+    per call signature and share of dead rows; a new batch size, no_grad, a dead-row share in another
+    eighth, or forgotten decisions each go back to the decision (run on the CPU under the interpreter;
+    `resolve` itself sends only CUDA calls here)."""
+    SE.clear_decisions()
+    layer = _prune(rgkernels.MaskedLinear(6, 8)).to(DEV)
+    built, timed = [], []
+    real_key = SE._decision_key
+    monkeypatch.setattr(SE, "_decision_key", lambda *a, **k: built.append(a[4]) or real_key(*a, **k))
+    fake = {"masked_weight": 2.0, "fused": 1.0}
+    monkeypatch.setattr(SE, "_cuda_time", lambda fn: timed.append(1) or fake[next(iter(k for k, v in cands.items()
+                                                                                       if v is fn))])
+    real_measure = SE._measure_candidates
+    cands = {}
+
+    def measure(*a, **k):
+        cands.clear()
+        cands.update(real_measure(*a, **k))
+        return cands
+    monkeypatch.setattr(SE, "_measure_candidates", measure)
+
+    x = torch.randn(4, 6, device=DEV, requires_grad=True)
+    assert SE.auto_choice(layer, x, layer.weight) == "fused" and len(built) == 1 and len(timed) == 2
+    for _ in range(3):
+        assert SE.auto_choice(layer, x, layer.weight) == "fused"
+    assert len(built) == 1 and len(timed) == 2  # memo hits: neither key nor timing
+    fake["fused"] = 3.0
+    assert SE.auto_choice(layer, torch.randn(5, 6, device=DEV), layer.weight) == "masked_weight"  # new shape
+    assert len(built) == 2 and len(timed) == 4
+    with torch.no_grad():  # no gradients: another key, measured
+        assert SE.auto_choice(layer, x, layer.weight) == "masked_weight"
+    assert len(built) == 3
+    assert SE.auto_choice(layer, x, layer.weight) == "fused" and len(built) == 3  # the first one, still memoised
+    layer._exec_state["bucket"] = 4  # half the rows found dead by the asynchronous re-check
+    assert SE.auto_choice(layer, x, layer.weight) == "masked_weight" and built[-1] == 4
+    SE.clear_decisions()  # forgotten: measured again (fused is slower now)
+    layer._exec_state["bucket"] = 0
+    assert SE.auto_choice(layer, x, layer.weight) == "masked_weight" and len(built) == 5 and built[-1] == 0
+    assert SE.decisions() and all(v == "masked_weight" for v in SE.decisions().values())
+    SE.clear_decisions()
+
+
+@needs_triton
+def test_auto_choice_memo_unsupported_calls_and_copies(monkeypatch):
+    """Calls the fused kernels cannot run are memoised as such (no dead-row count either), and the memo
+    goes neither into pickles nor deep copies."""
+    SE.clear_decisions()
+    conv = rgkernels.MaskedConv2d(4, 4, 3, padding=1, groups=2).to(DEV)
+    checks = []
+    real = SE.fused_support
+    monkeypatch.setattr(SE, "fused_support", lambda *a: checks.append(1) or real(*a))
+    x = torch.randn(1, 4, 5, 5, device=DEV)
+    for _ in range(3):
+        assert SE.auto_choice(conv, x, conv.weight) == "masked_weight"
+    assert len(checks) == 1 and conv._exec_state is None and not SE.decisions()
+    conv.groups = 1  # what the fused kernels depend on is in the signature (a new module would be usual)
+    conv.weight = nn.Parameter(conv.weight.detach().repeat(1, 2, 1, 1))
+    monkeypatch.setattr(SE, "_cuda_time", lambda fn: 1.0)
+    assert SE.auto_choice(conv, x, conv.weight) == "masked_weight" and len(checks) == 2 and len(SE.decisions()) == 1
+    assert conv._exec_memo
+    for clone in (pickle.loads(pickle.dumps(conv)), copy.deepcopy(conv)):
+        assert clone._exec_memo is None and clone._exec_state is None
+    SE.clear_decisions()
+
+
 def test_chain_links_under_spectral_norm():
     """Parametrised layers each get their own class: the links must not depend on the exact type."""
     sn = nn.utils.parametrizations.spectral_norm
