@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .convert import _check_module, _to_host
-from .layers import MaskedLayer, stored_weight
+from .layers import MaskedLayer
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,17 @@ def _kind(m: nn.Module):
     return None
 
 
+def _weight_entries(m: nn.Module, kind: str) -> int:
+    """Entries of the weight the layer computes with, from its geometry: whatever reparametrisation
+    stores it (spectral norm, weight norm's direction and magnitude, ...), nothing is read or computed."""
+    if kind == "linear":
+        return m.in_features * m.out_features
+    k = 1
+    for s in m.kernel_size:
+        k *= s
+    return m.in_channels * m.out_channels // m.groups * k
+
+
 def _uses(m: nn.Module, kind: str, inp: Tensor, out: Tensor) -> int:
     if kind == "linear":
         return out.numel() // m.out_features
@@ -154,7 +165,7 @@ def count_flops(module: nn.Module, *example_inputs) -> FlopReport:
 
     def hook(m, args, kwargs, out):
         kind = _kind(m)
-        weights = stored_weight(m).numel()
+        weights = _weight_entries(m, kind)
         x = args[0] if args else kwargs.get("input")  # layer(x) or layer(input=x)
         uses = _uses(m, kind, x, out)
         calls.append((names[id(m)] or type(m).__name__, m, kind, uses, _active_weights(m, weights),
@@ -180,7 +191,7 @@ def count_flops(module: nn.Module, *example_inputs) -> FlopReport:
         j += 0 if c[5] is None else 3
     report = FlopReport()
     for (name, m, kind, uses, _, _), active, ex in zip(calls, actives, execs):
-        weights = stored_weight(m).numel()
+        weights = _weight_entries(m, kind)
         dense, act = 2 * uses * weights, 2 * uses * active
         # ATen's dense GEMM on W * M: executed == dense; the fused kernels and the CPU node record theirs.
         ex = ex or (dense, dense, dense)

@@ -87,6 +87,11 @@ def check_mode_flag(flag) -> bool:
     return bool(flag)
 
 
+def _moved(t: Tensor, fn) -> Tensor:
+    """`t` on the device nn.Module._apply's `fn` moves tensors to, with its own dtype and values."""
+    return t.to(fn(t.new_empty(0)).device)
+
+
 class MaskedLayer:
     """Mixin with the pruning state and logic shared by the masked layers (not an nn.Module itself)."""
 
@@ -126,6 +131,16 @@ class MaskedLayer:
         self._sparse = True
         for name in _TRANSIENT:
             object.__setattr__(self, name, None)
+
+    def reset_parameters(self) -> None:
+        """The nn layer's initialisation, and the threshold back to 0 (as created): after `to_empty()`
+        (a model built on the meta device) the threshold would otherwise hold whatever memory it got.
+        nn's __init__ calls this before the threshold exists."""
+        super().reset_parameters()
+        t = self.__dict__.get("_parameters", {}).get("threshold")
+        if t is not None:
+            with torch.no_grad():
+                t.zero_()
 
     # ---- layout: one row per output channel -----------------------------------------------------
 
@@ -370,10 +385,13 @@ class MaskedLayer:
                 self.threshold.grad = g_before.to(self.threshold.device)
         for name in _PER_FORWARD:
             object.__setattr__(self, name, None)
+        # Bookkeeping tensors follow the module to fn's device but keep their dtype and values: fn may
+        # convert dtypes too (`.type(torch.float64)` converts every tensor), and these are a bool mask
+        # and an int64 counter.
         if self._stats_mask is not None:  # keeps regeneration counting across `.to(device)`
-            self._stats_mask = fn(self._stats_mask)
+            self._stats_mask = _moved(self._stats_mask, fn)
         if self._exec_flops is not None:
-            self._exec_flops = fn(self._exec_flops)
+            self._exec_flops = _moved(self._exec_flops, fn)
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -488,6 +506,8 @@ class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
         if output_size is not None:  # validates it as nn.ConvTranspose2d does (here it can only mean 0)
             self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
         cin, cout, kh, kw = weight.shape
+        if input.shape[1] != cin:
+            return None  # the generic path raises nn.ConvTranspose2d's own message
         k = kh * kw
         params = self._parameters
         threshold, bias = params["threshold"], self._bias()
@@ -498,8 +518,10 @@ class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
             return None
         y, stats, counts, n_live = out
         if self.guard_ratio is not None:  # the collapse guard resets t2 in place (all of it, or nothing)
-            with torch.no_grad():
-                threshold.copy_(t2.view(cout, k)[:, 0])
+            reset = t2.view(cout, k)[:, 0]
+            if not torch.equal(reset, threshold):  # written back only then, as the other layers' guard does:
+                with torch.no_grad():  # a write bumps the threshold's version (autograd's in-place check)
+                    threshold.copy_(reset)
         counts = counts.view(cout, k).sum(1, dtype=torch.int32)  # per output channel
         if stats.dtype == torch.uint8:  # bits of the GEMM rows [(co, i, j), ci], unpacked lazily (_mask_rows)
             self._record_fused(counts, stats, (cout, cin, kh, kw), gemm_rows=(cout, kh, kw, cin))

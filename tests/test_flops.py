@@ -1,4 +1,6 @@
 """count_flops (rgkernels/flops.py) against hand-computed counts (and torch's FlopCounterMode for forwards)."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -178,3 +180,18 @@ def test_shared_masked_layer_called_twice_in_sparse_mode():
     assert lf.calls == 2 and lf.uses == 10 and lf.active_weights == 2 * 10  # summed over the calls
     assert (lf.forward.dense, lf.forward.active) == (2 * 10 * 24, 2 * 10 * 10)
     assert r.forward.dense == 2 * 10 * 24 + 2 * 5 * 24 and r.forward.active == 2 * 10 * 10 + 2 * 5 * 24
+
+
+def test_weight_normed_layers_are_counted():
+    """Layers that masked layers refuse (weight norm stores a direction and a magnitude) are still
+    counted, from their geometry, whether they stand alone or sit unconverted beside masked layers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook form is deprecated
+        for norm in (nn.utils.weight_norm, nn.utils.parametrizations.weight_norm):
+            lin = norm(nn.Linear(16, 8))
+            assert rgkernels.count_flops(lin, torch.randn(3, 16)).forward.dense == 2 * 3 * 16 * 8
+            model = rgkernels.sparsify(nn.Sequential(nn.Linear(10, 6 * 5 * 5), nn.Unflatten(1, (6, 5, 5))))
+            model.append(norm(nn.Conv2d(6, 4, 3, groups=2)))
+            r = rgkernels.count_flops(model, torch.randn(2, 10))
+            assert r.layers["2"].forward.dense == 2 * (2 * 3 * 3) * (4 * 3 * 3 * 3)  # uses, weights
+            assert r.layers["0"].forward.dense == 2 * 2 * 10 * 150

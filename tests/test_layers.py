@@ -290,3 +290,76 @@ def test_conv_lowered_to_a_linear_layer_takes_an_empty_batch():
     assert y.shape == ref(x).shape == (0, 4, 1, 1)
     y.sum().backward()
     assert not m.weight.grad.any() and not m.threshold.grad.any() and not m.bias.grad.any()
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Linear(16, 8), (2, 16)),
+    (lambda: nn.Conv2d(4, 8, 3), (2, 4, 5, 5)),
+    (lambda: nn.Conv2d(4, 8, 3), (2, 4, 3, 3)),  # one output position: the CPU linear node
+    (lambda: nn.ConvTranspose2d(4, 8, 3, stride=2), (2, 4, 3, 3)),
+    (lambda: nn.ConvTranspose2d(4, 8, 3), (2, 4, 1, 1)),  # a 1x1 map: the CPU linear node on repeated thresholds
+])
+def test_threshold_written_only_when_the_guard_fires(make, shape):
+    """A graph that used the threshold before the layer's forward (a regulariser computed first) still
+    backpropagates: no path writes the threshold unless the collapse guard resets it."""
+    m = rgkernels.sparsify(make())
+    with torch.no_grad():
+        m.threshold.fill_(0.01)  # keeps most weights: the guard does not fire
+    reg = m.threshold.square().sum()
+    version = m.threshold._version
+    y = m(torch.randn(shape))
+    assert m.threshold._version == version and 0.5 < rgkernels.keep_ratio(m) < 1
+    (y.sum() + reg).backward()
+    assert m.threshold.grad is not None
+    with torch.no_grad():
+        m.threshold.fill_(10.0)  # prunes everything: the guard resets the threshold to 0
+    m(torch.randn(shape))
+    assert not m.threshold.any()
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: nn.Linear(16, 8), torch.tensor(1.0)),
+    (lambda: nn.Conv2d(4, 8, 3), torch.randn(2, 5, 3, 3)),  # kernel-sized input: the CPU linear node's path
+    (lambda: nn.ConvTranspose2d(4, 8, 3), torch.randn(2, 5, 1, 1)),  # 1x1 map: the same
+    (lambda: nn.ConvTranspose2d(4, 8, 3), torch.randn(5, 1, 1)),
+])
+def test_bad_input_gives_the_nn_layers_message(make, x):
+    ref = make()
+    with pytest.raises(RuntimeError) as want:
+        ref(x)
+    with pytest.raises(RuntimeError) as got:
+        rgkernels.sparsify(copy.deepcopy(ref))(x)
+    assert str(got.value).splitlines()[0] == str(want.value).splitlines()[0]
+
+
+def test_type_conversion_keeps_the_bookkeeping_tensors():
+    """`Module.type(dtype)` converts every tensor it is given: the regeneration snapshot stays a bool
+    mask and the executed-FLOP counter an int64 count, on the module's device."""
+    m = rgkernels.MaskedLinear(8, 6)
+    with torch.no_grad():
+        m.threshold.fill_(0.2)
+    m(torch.randn(3, 8))
+    rgkernels.layer_stats(m)
+    m._exec_flops = torch.tensor([1, 2, 2**60], dtype=torch.int64)
+    m.type(torch.float64)
+    assert m.weight.dtype == torch.float64 and m._stats_mask.dtype == torch.bool
+    assert m._exec_flops.dtype == torch.int64 and m._exec_flops.tolist() == [1, 2, 2**60]
+    with pytest.warns(UserWarning, match="float64"):  # a float64 threshold runs the reference backend
+        m(torch.randn(3, 8, dtype=torch.float64))
+    s = rgkernels.layer_stats(m)[""]
+    want = (m.weight.abs() - m.threshold[:, None] > 0).float().mean().item()
+    assert s["keep_ratio"] == pytest.approx(want)
+
+
+def test_reset_parameters_zeroes_the_threshold():
+    """The meta-device flow: build on meta, `to_empty`, `reset_parameters`: the threshold starts at 0 as
+    in a layer built directly, not with whatever memory to_empty left."""
+    with torch.device("meta"):
+        model = rgkernels.sparsify(nn.Sequential(nn.Linear(16, 8), nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 3)))
+    model.to_empty(device="cpu")
+    for layer in model:
+        with torch.no_grad():
+            layer.threshold.fill_(0.5)
+        layer.reset_parameters()
+        assert layer.threshold.device.type == "cpu" and not layer.threshold.any()
+        assert layer.weight.abs().max() > 0

@@ -41,9 +41,11 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def applies(x: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor]) -> bool:
-    """Whether `masked_linear_cpu` can run this call: CPU tensors of one supported dtype, a float32
-    threshold, the compiled CPU backend chosen (not overridden), no CPU autocast, no forward-mode AD."""
+    """Whether `masked_linear_cpu` can run this call: inputs of the weight's width, CPU tensors of one
+    supported dtype, a float32 threshold, the compiled CPU backend chosen (not overridden), no CPU autocast, no forward-mode AD."""
     dt = weight.dtype
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        return False  # the layer's generic path raises F.linear's / the conv's own message
     if x.dtype != dt or dt not in _DTYPES or threshold.dtype != torch.float32 or weight.device.type != "cpu":
         return False
     if bias is not None and bias.dtype != dt:
