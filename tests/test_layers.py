@@ -1,6 +1,7 @@
 """Masked layers (rgkernels/layers.py): dense mode is exactly the nn layer, sparse mode is the
 composition of the reference masked weight with the nn functional, and the threshold learns."""
 import copy
+import math
 import pickle
 
 import pytest
@@ -363,3 +364,21 @@ def test_reset_parameters_zeroes_the_threshold():
         layer.reset_parameters()
         assert layer.threshold.device.type == "cpu" and not layer.threshold.any()
         assert layer.weight.abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_regulariser_before_the_forward_backpropagates(backend):
+    """The trainer's threshold regulariser exp(-t), computed before the forward: its backward saves its
+    output, not t, so the backends that write the threshold in every forward (README) do not break it."""
+    m = rgkernels.MaskedConv2d(4, 8, 3)
+    with torch.no_grad():
+        m.threshold.fill_(0.01)
+    x = torch.randn(2, 4, 5, 5)
+    reg = 0.1 * torch.exp(-m.threshold).sum()
+    with rgkernels.use_backend(backend):
+        (m(x).sum() + reg).backward()
+    g = m.threshold.grad.clone()
+    m.zero_grad()
+    with rgkernels.use_backend(backend):
+        m(x).sum().backward()
+    torch.testing.assert_close(g - m.threshold.grad, torch.full((8,), -0.1 * math.exp(-0.01)))
