@@ -4,8 +4,8 @@
 // is bound by the host's time per call (on a GPU the kernels take microseconds), and a Python
 // autograd.Function costs it twice: the forward's apply, and above all the backward, where the
 // engine takes the GIL and calls into Python. This node calls the same dispatcher ops
-// (rgkernels::masked_weight_fwd / _bwd, so dispatch modes and the collapse guard's version bump
-// behave as they do from Python) with the same saved state. The Python Function stays for
+// (rgkernels::masked_weight_fwd / _bwd, so dispatch modes and the collapse guard behave as they do
+// from Python) with the same saved state. The Python Function stays for
 // torch.compile (which traces it), the Triton and reference backends, and builds without this file.
 #include "rgkernels/masked_weight_node.h"
 
@@ -38,8 +38,8 @@ class MaskedWeightFn : public torch::autograd::Function<MaskedWeightFn> {
     // kernels were registered taking it as const at::Tensor&, so that is the call's signature too)
     auto [out, counts] = fwd.call(as_rows(weight), threshold, guard_ratio);
     ctx->save_for_backward({weight});
-    // Not a saved variable, as in _MaskedWeightFn: the op's declared mutation bumps its version in
-    // every call, and a layer used twice before one backward (D(real), D(fake)) would fail the check.
+    // Not a saved variable, as in _MaskedWeightFn (which also runs the reference and Triton ops, whose
+    // declared mutation bumps the version in every call; these compiled ops do not bump it).
     ctx->saved_data["threshold"] = threshold;
     ctx->saved_data["grad_mode"] = grad_mode;
     // The counts are int32, which autograd never differentiates: no mark_non_differentiable, which
