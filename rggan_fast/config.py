@@ -27,7 +27,12 @@ METRICS = ("fid", "proxy")
 EXECUTIONS = ("masked_weight", "fused", "auto")  # rgkernels.sparse_exec.EXECUTION_MODES (no torch import here)
 NET_SWITCHES = ("G", "D", "GD", "DG", "NONE", "")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.manual_seed accepts
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.manual_seed accepts (subset_seed is used as it is)
+# The run's seed is also used as seed * 1_000_003 + epoch (the data stream's epochs) and seed + 2: it
+# must leave those within 64 bits, with room for 2**20 epochs.
+SEED_MAX = (2 ** 63 - 1 - 2 ** 20) // 1_000_003
+# Fields the configuration resolves itself, never set by hand (--set would be overwritten silently).
+DERIVED_FIELDS = ("data_kind", "presets")
 
 
 @dataclass
@@ -204,8 +209,10 @@ class TrainConfig:
         need(len(self.ar_weights) >= 1 and all(math.isfinite(w) for w in self.ar_weights),
              f"ar_weights must be one or more finite numbers, got {list(self.ar_weights)}")
         # runtime
-        need(SEED_RANGE[0] <= self.seed <= SEED_RANGE[1] and SEED_RANGE[0] <= self.subset_seed <= SEED_RANGE[1],
-             "seed and subset_seed must fit in 64 bits")
+        need(-SEED_MAX <= self.seed <= SEED_MAX,
+             f"seed must be an integer in [-{SEED_MAX}, {SEED_MAX}] (the data stream seeds epoch e with "
+             f"seed * 1000003 + e, in 64 bits), got {self.seed}")
+        need(SEED_RANGE[0] <= self.subset_seed <= SEED_RANGE[1], "subset_seed must fit in 64 bits")
         need(bool(self.outdir), "outdir must not be empty")
         need(bool(DEVICE_PATTERN.match(self.device)), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         number("threads", 0)
@@ -299,6 +306,9 @@ def parse_value(cfg: TrainConfig, key: str, text: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     if key not in fields:
         raise ValueError(f"--set: unknown configuration key {key!r}")
+    if key in DERIVED_FIELDS:
+        raise ValueError(f"--set {key}: resolved by the configuration itself (data_kind from --data, presets "
+                         "from the architecture, data set and --preset), not set by hand")
     want = _field_type(fields[key])
     try:
         if want is bool:
@@ -328,7 +338,7 @@ def resolve_config(arch: str, data: Optional[str], preset: Optional[str],
                    overrides: Dict[str, Any]) -> TrainConfig:
     """Base preset -> data preset -> named preset -> overrides (see the module docstring)."""
     from . import presets
-    from .data import detect_kind
+    from .data import DataError, detect_kind, not_a_data_set
 
     if arch not in presets.ARCH_PRESETS:
         raise KeyError(arch)
@@ -339,6 +349,9 @@ def resolve_config(arch: str, data: Optional[str], preset: Optional[str],
     if preset and preset not in presets.NAMED_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(sorted(presets.NAMED_PRESETS))}")
     data = absolute_data_path(data or overrides.get("data") or named.get("data") or cfg.data)
+    why = not_a_data_set(data)
+    if why:  # before a run directory exists
+        raise DataError(why)
     kind = detect_kind(data)
     key = (arch, presets.data_family(kind))
     if key in presets.DATA_PRESETS:

@@ -38,6 +38,26 @@ def test_folder_any_size_and_mode(tmp_path):
     assert detect_kind(str(tmp_path)) == "folder"
 
 
+def test_sixteen_bit_grey_is_scaled_and_unranged_modes_are_refused(tmp_path):
+    """A 16-bit grey PNG (PIL mode I;16) gives the image its 8-bit version gives (convert("RGB") alone
+    clips every value above 255 to white); 32-bit integer / float images have no known range: refused,
+    naming the file."""
+    ramp = np.tile(np.linspace(0, 65535, 32).round().astype(np.uint16), (32, 1))
+    d16, d8 = tmp_path / "16", tmp_path / "8"
+    d16.mkdir()
+    d8.mkdir()
+    Image.fromarray(ramp).save(d16 / "ramp.png")
+    assert Image.open(d16 / "ramp.png").mode.startswith("I;16")
+    Image.fromarray(np.round(ramp / 257).astype(np.uint8)).save(d8 / "ramp.png")
+    got, want = load_folder(str(d16), 32).images, load_folder(str(d8), 32).images
+    assert torch.equal(got, want) and want.float().mean() == pytest.approx(127.5, abs=1)
+    bad = tmp_path / "float"
+    bad.mkdir()
+    Image.fromarray(ramp.astype(np.float32) / 65535).save(bad / "f.tiff")
+    with pytest.raises(DataError, match=r"f\.tiff.*F images \(32-bit integer or float values\) have no known range"):
+        load_folder(str(bad), 32)
+
+
 def test_unreadable_file_is_named(tmp_path):
     _png(str(tmp_path / "good.png"))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")

@@ -176,6 +176,47 @@ def test_damaged_checkpoint_is_named_and_config_is_kept(run_copy, capsys, damage
     assert (run_copy / "config.json").read_bytes() == config  # --kimg 0.2 was not saved
 
 
+def _logs(run_dir):
+    return {name: (run_dir / name).read_bytes() for name in ("metrics.jsonl", "stats.jsonl", "config.json")}
+
+
+@pytest.mark.parametrize("loss", ["deleted", "directory"])
+def test_a_lost_checkpoint_is_refused_and_the_logs_are_kept(run_copy, capsys, loss):
+    """A run that trained and then lost checkpoint.pt (a copy that skipped *.pt) is not started again
+    from the beginning, which would empty its logs; nor is one whose checkpoint.pt is not a file."""
+    before = _logs(run_copy)
+    assert read_jsonl(str(run_copy / "stats.jsonl"))
+    (run_copy / "checkpoint.pt").unlink()
+    if loss == "directory":
+        (run_copy / "checkpoint.pt").mkdir()
+    assert cli.main(["sngan", "--resume", str(run_copy), "--kimg", "0.2"]) == 1
+    err = capsys.readouterr().err
+    want = "is not a file" if loss == "directory" else "is missing, but the run had trained (stats.jsonl has"
+    assert str(run_copy / "checkpoint.pt") in err and want in err and "Traceback" not in err
+    assert _logs(run_copy) == before
+    assert sorted(p.name for p in run_copy.iterdir() if p.name.startswith("checkpoint.pt")) == (
+        ["checkpoint.pt"] if loss == "directory" else [])
+
+
+def test_resume_deletes_temporaries_of_a_cut_save_and_remeasures_a_changed_final_count(run_copy, cache, capsys):
+    """A hard kill in mid-save leaves checkpoint.pt.tmp<pid>: the next resume deletes it. A finished run
+    resumed with another --final-fid-samples measures its final evaluation again, in a new row."""
+    (run_copy / "checkpoint.pt.tmp99999999").write_bytes(b"partial")
+    (run_copy / "checkpoint.pt.tmpnotes").write_text("not ours")
+    rows = read_jsonl(str(run_copy / "metrics.jsonl"))
+    assert rows[-1]["final"] and rows[-1]["fid_samples"] == 8
+    assert cli.main(["sngan", "--resume", str(run_copy)]) == 0  # nothing to do: no new row
+    assert read_jsonl(str(run_copy / "metrics.jsonl")) == rows
+    assert not (run_copy / "checkpoint.pt.tmp99999999").exists() and (run_copy / "checkpoint.pt.tmpnotes").exists()
+    assert cli.main(["sngan", "--resume", str(run_copy), "--final-fid-samples", "16"]) == 0
+    after = read_jsonl(str(run_copy / "metrics.jsonl"))
+    assert after[:-1] == rows and after[-1]["final"] and after[-1]["fid_samples"] == 16
+    assert after[-1]["step"] == rows[-1]["step"]
+    assert json.loads((run_copy / "summary.json").read_text())["last_samples"] == 16
+    assert cli.main(["sngan", "--resume", str(run_copy), "--final-fid-samples", "16"]) == 0  # measured already
+    assert read_jsonl(str(run_copy / "metrics.jsonl")) == after
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda d, text: text[:len(text) // 2], "not valid JSON"),
     (lambda d, text: json.dumps([d]), "expected an object of configuration fields, got list"),
@@ -225,11 +266,18 @@ def _unwritable(monkeypatch, tmp_path):
     ("--set lr_g=-1", "lr_g must be a finite number > 0"),
     ("--set beta2=1", "beta2 must be a finite number in [0, 1)"),
     ("--set prune=GX", "prune must be one of G, D, GD"),
+    ("--seed 100000000000000", "seed must be an integer in [-9223344366820, 9223344366820]"),
+    ("--seed -9223372036854775808", "seed must be an integer in"),
+    ("--set data_kind=zip", "--set data_kind: resolved by the configuration itself"),
+    ("--set presets=mine", "--set presets: resolved by the configuration itself"),
+    ("--data {file}", "{file} is a file: --data takes lfw100, a folder of images"),
+    ("--data {file}.tar.gz", "{file}.tar.gz is a tar archive: extract it first"),
     ("unwritable", "--outdir"),
 ])
 def test_bad_options_fail_with_a_message_before_a_run_directory_exists(tmp_path, monkeypatch, capsys, cache,
                                                                        args, message):
     (tmp_path / "file").write_text("")
+    (tmp_path / "file.tar.gz").write_text("")
     out = ["--outdir", str(tmp_path / "runs")]
     if args == "unwritable":
         out, args = _unwritable(monkeypatch, tmp_path)

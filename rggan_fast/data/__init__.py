@@ -4,10 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .sources import DataError, ImageSet, detect_kind, has_test_split, load_split, subset
+from .sources import DataError, ImageSet, detect_kind, has_test_split, load_split, not_a_data_set, subset
 from .stream import BatchStream
 
-__all__ = ["DataError", "ImageSet", "BatchStream", "TrainingData", "detect_kind", "load_training_data"]
+__all__ = ["DataError", "ImageSet", "BatchStream", "TrainingData", "detect_kind", "load_training_data",
+           "not_a_data_set"]
 
 
 @dataclass

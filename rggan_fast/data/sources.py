@@ -47,9 +47,21 @@ class ImageSet:
 
 # ---- helpers ---------------------------------------------------------------------------------
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grey (PIL modes I;16*: 16-bit PNGs) scaled to 8 bits; convert("RGB") would clip every value
+    above 255 to white. 32-bit integer or float images (mode I or F) have no known range: refused."""
+    if img.mode.startswith("I;16"):
+        a = np.asarray(img).astype(np.uint32)  # (native byte order whatever the mode's suffix)
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    if img.mode in ("I", "F") or img.mode.startswith(("I;", "F;")):
+        raise ValueError(f"{img.mode} images (32-bit integer or float values) have no known range; "
+                         "convert them to 8 or 16 bits per channel")
+    return img
+
+
 def to_square(img: Image.Image, res: int) -> np.ndarray:
     """PIL image -> uint8 [res, res, 3]: shorter side resized to res, then centre crop."""
-    img = img.convert("RGB")
+    img = to_8bit(img).convert("RGB")
     w, h = img.size
     if (w, h) != (res, res):
         s = res / min(w, h)
@@ -106,7 +118,7 @@ def _is_image(name: str) -> bool:
 
 def load_folder(path: str, res: int, progress: Callable = lambda it, **kw: it) -> ImageSet:
     if not os.path.isdir(path):
-        raise DataError(f"data folder {path} does not exist")
+        raise DataError(not_a_data_set(path) or f"data folder {path} does not exist")
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if _is_image(f))
     if not files:
         raise DataError(f"no images found in {path} (looked for {', '.join(IMAGE_EXTENSIONS)})")
@@ -182,6 +194,17 @@ def detect_kind(data: str) -> str:
     if os.path.isdir(data) and cifar_dir(data):
         return "cifar10"
     return "folder"
+
+
+def not_a_data_set(data: str) -> str:
+    """Why `data`, an existing file that is not a .zip, cannot be a data set ('' when it is not such a file)."""
+    if data == "lfw100" or not os.path.isfile(data) or data.lower().endswith(".zip"):
+        return ""
+    lower = data.lower()
+    if lower.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+        return (f"{data} is a tar archive: extract it first, then give the folder (a CIFAR-10 download: the "
+                "folder holding cifar-10-batches-py/)")
+    return f"{data} is a file: --data takes lfw100, a folder of images, a .zip of images or a CIFAR-10 folder"
 
 
 def has_test_split(kind: str) -> bool:

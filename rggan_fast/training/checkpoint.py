@@ -76,3 +76,20 @@ def load(run_dir: str, map_location="cpu") -> Dict[str, Any]:
 
 def exists(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, CHECKPOINT))
+
+
+def remove_stale_temporaries(run_dir: str) -> None:
+    """Deletes the temporary files of saves that a hard kill interrupted (checkpoint.pt.tmp<pid> of
+    another process: the run directory is locked by this one)."""
+    own = f"{CHECKPOINT}.tmp{os.getpid()}"
+    prefix = f"{CHECKPOINT}.tmp"
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name[len(prefix):].isdigit() and name != own:
+            try:
+                os.remove(os.path.join(run_dir, name))
+            except OSError:
+                pass

@@ -92,6 +92,29 @@ def save_grid(images: torch.Tensor, path: str) -> None:
     os.replace(tmp, path)
 
 
+def lost_checkpoint(run_dir: str) -> str:
+    """Why a run directory without a usable checkpoint.pt must not start again from the beginning, or ''.
+    The first checkpoint is written before the first training step, so a run that stopped before it has
+    at most the initial evaluation's row: anything more means the checkpoint was there and is gone (a
+    copy that skipped *.pt, a deletion), and a restart would drop the run's logs."""
+    path = os.path.join(run_dir, checkpoint.CHECKPOINT)
+    if os.path.lexists(path):
+        return f"{path} is not a file; move it away to resume from the beginning, or put the checkpoint back"
+    found = []
+    n = count_rows(os.path.join(run_dir, "stats.jsonl"))
+    if n:
+        found.append(f"stats.jsonl has {n} row(s) of training")
+    trained = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("step", 0) > 0]
+    if trained:
+        found.append(f"metrics.jsonl has evaluations up to step {trained[-1]['step']}")
+    found += [f"{name} exists" for name in ("summary.json", "G_ema.safetensors")
+              if os.path.exists(os.path.join(run_dir, name))]
+    if not found:
+        return ""
+    return (f"{path} is missing, but the run had trained ({'; '.join(found)}): its state went with it. Put "
+            f"checkpoint.pt back to resume; nothing in {run_dir} was changed")
+
+
 class TrainingRun:
     def __init__(self, cfg: TrainConfig, run_dir: str, resume: bool = False, log: Callable[[str], None] = print,
                  stop_flag: Optional[StopFlag] = None):
@@ -106,8 +129,13 @@ class TrainingRun:
         if not resume and checkpoint.exists(run_dir):  # never train over another run's state
             raise ValueError(f"{run_dir} already holds a run ({checkpoint.CHECKPOINT}); resume it or use "
                              "another directory")
+        if resume and not checkpoint.exists(run_dir):
+            lost = lost_checkpoint(run_dir)
+            if lost:  # refused before anything is written: a fresh start would empty the run's logs
+                raise checkpoint.CheckpointError(lost)
         # resume=True on a directory without a checkpoint (stopped before its first one): a fresh start
         self.resumed = resume and checkpoint.exists(run_dir)
+        checkpoint.remove_stale_temporaries(run_dir)
         self._restarted = False  # a fresh start that found log rows of an earlier attempt
         if resume and not self.resumed:
             log(f"{run_dir} has no checkpoint (it stopped before the first one): starting the run from the "
@@ -400,6 +428,10 @@ class TrainingRun:
         try:
             if not self._next["started"]:
                 self._start(bar)
+            if ctr["real_images"] >= total and self._final_outdated():
+                # a finished run resumed with another --final-fid-samples: its final evaluation again
+                self._show(bar, self._evaluate(final=True))
+                self.save_checkpoint()
             while ctr["real_images"] < total:
                 if self.stop_flag.requested:
                     self.save_checkpoint()
@@ -429,6 +461,13 @@ class TrainingRun:
             if self.writer is not None:
                 self.writer.close()
         return self._finish()
+
+    def _final_outdated(self) -> bool:
+        """Whether the last final evaluation was measured with another sample count than the final one
+        configured now (a finished run resumed with --final-fid-samples)."""
+        want = self.cfg.final_fid_samples or self.cfg.fid_samples
+        finals = [r for r in read_jsonl(os.path.join(self.run_dir, "metrics.jsonl")) if r.get("final")]
+        return bool(finals) and finals[-1]["fid_samples"] != want
 
     def _start(self, bar) -> None:
         """The initial evaluation and the first checkpoint. A stop asked for before the evaluation (which
