@@ -215,6 +215,12 @@ def test_resume_deletes_temporaries_of_a_cut_save_and_remeasures_a_changed_final
     assert json.loads((run_copy / "summary.json").read_text())["last_samples"] == 16
     assert cli.main(["sngan", "--resume", str(run_copy), "--final-fid-samples", "16"]) == 0  # measured already
     assert read_jsonl(str(run_copy / "metrics.jsonl")) == after
+    # back to the training count: measured again, and the finished run's AR controller is left alone
+    controller = torch.load(str(run_copy / "checkpoint.pt"), weights_only=False)["controller"]
+    assert cli.main(["sngan", "--resume", str(run_copy), "--final-fid-samples", "0"]) == 0
+    last = read_jsonl(str(run_copy / "metrics.jsonl"))[-1]
+    assert last["fid_samples"] == 8 and last["final"] and not last["ar_input"]
+    assert torch.load(str(run_copy / "checkpoint.pt"), weights_only=False)["controller"] == controller
 
 
 @pytest.mark.parametrize("edit, message", [

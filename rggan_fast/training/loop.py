@@ -295,7 +295,9 @@ class TrainingRun:
 
     # ---- evaluation ----------------------------------------------------------------------------
 
-    def _evaluate(self, final: bool = False) -> Dict:
+    def _evaluate(self, final: bool = False, decide: bool = True) -> Dict:
+        """One evaluation row; decide=False: its score never enters the AR controller (a finished run's
+        final evaluation measured again)."""
         import rgkernels
 
         c = self.cfg
@@ -308,7 +310,7 @@ class TrainingRun:
         # A score from another sample count is not comparable with the AR history (FID is biased by
         # the sample count): a final evaluation with its own count decides nothing, and if the run is
         # extended later the history goes on without it.
-        ar_input = num == c.fid_samples
+        ar_input = decide and num == c.fid_samples
         next_mode = self.controller.update(scores[self.evaluator.primary]) if ar_input else mode
         if next_mode != mode:
             self.controller.apply({"G": [self.G, self.G_ema], "D": self.D}, self.pruned, self.ar_nets)
@@ -430,7 +432,7 @@ class TrainingRun:
                 self._start(bar)
             if ctr["real_images"] >= total and self._final_outdated():
                 # a finished run resumed with another --final-fid-samples: its final evaluation again
-                self._show(bar, self._evaluate(final=True))
+                self._show(bar, self._evaluate(final=True, decide=False))
                 self.save_checkpoint()
             while ctr["real_images"] < total:
                 if self.stop_flag.requested:
