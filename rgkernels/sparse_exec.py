@@ -52,6 +52,7 @@ GEMMs the same way).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -182,7 +183,26 @@ def fused_support(layer, x: Tensor, w: Tensor) -> Tuple[bool, str]:
             return False, "asymmetric 'same' padding"
         if x.dim() not in (3, 4):
             return False, f"conv input with {x.dim()} dims"
+    positions = _positions_bound(layer, kind, x)
+    if positions >= _INDEX_LIMIT:
+        return False, (f"up to {positions} GEMM rows (batch x positions): the fused kernels index them in "
+                       f"32 bits")
     return _triton_ok(x.device, kind)
+
+
+_INDEX_LIMIT = 2 ** 31 - 2 ** 20  # GEMM rows the fused kernels index in int32 (less a tile's overshoot)
+
+
+def _positions_bound(layer, kind: str, x: Tensor) -> int:
+    """An upper bound of the GEMM rows of any of the layer's three kernels: input rows of a linear layer;
+    batch x (input or output) positions of a conv, the output size bounded from the geometry."""
+    if kind == "linear":
+        return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    n = x.shape[0] if x.dim() == 4 else 1
+    h, w = x.shape[-2:]
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    ph, pw = _conv_padding(layer)
+    return n * (h * sh + dh * kh + 2 * ph + sh) * (w * sw + dw * kw + 2 * pw + sw)
 
 
 # =============================================================================================
@@ -387,10 +407,12 @@ def _dead_bucket(layer, weight: Tensor) -> int:
         st["bucket"] = round(8 * int(pend[1]) / max(c, 1))
         st["pending"] = pend = None
     if pend is None and st["calls"] % RECHECK_EVERY == 0 and layer.last_counts is not None:
-        host = torch.empty((), dtype=torch.int64, pin_memory=True)
-        host.copy_((layer.last_counts == 0).sum(), non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
+        counts = layer.last_counts
+        with torch.cuda.device(counts.device):  # the event on the counts' stream, not the current device's
+            host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            host.copy_((counts == 0).sum(), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
         st["pending"] = (ev, host)
     return st["bucket"]
 
@@ -528,7 +550,10 @@ def _auto_decision(layer, x: Tensor, weight: Tensor, kind: str, output_size=None
         return hit, "decided", bucket
     if (x.is_cuda and torch.cuda.is_current_stream_capturing()) or torch.compiler.is_compiling():
         return "masked_weight", "provisional", bucket  # never time inside a graph capture / trace
-    return decide(key, _measure_candidates(layer, x, weight, kind, output_size)), "decided", bucket
+    # Timed on the layer's device: _cuda_time's synchronize and events act on the current one.
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        choice = decide(key, _measure_candidates(layer, x, weight, kind, output_size))
+    return choice, "decided", bucket
 
 
 # =============================================================================================

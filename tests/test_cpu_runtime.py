@@ -210,7 +210,7 @@ def test_gemm_measurement_inside_checkpoint_determinism_and_bad_inputs(monkeypat
 
         SE.clear_decisions()
         layer = rgkernels.MaskedLinear(64, 32)
-        with pytest.raises(RuntimeError, match="masked_linear_cpu"):
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):  # nn.Linear's own message
             layer(torch.randn(16, 65))
         assert SE.decisions() == {}
         _step(layer, torch.randn(16, 64, requires_grad=True))

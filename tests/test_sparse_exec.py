@@ -610,6 +610,26 @@ def test_auto_choice_memo_unsupported_calls_and_copies(monkeypatch):
     SE.clear_decisions()
 
 
+@needs_triton
+def test_fused_support_refuses_more_gemm_rows_than_32_bit_indices_hold():
+    """The fused kernels index GEMM rows (batch x positions) in 32 bits: a call with more runs
+    masked_weight + cuDNN / cuBLAS instead (expanded inputs: nothing is allocated)."""
+    lin = rgkernels.MaskedLinear(8, 4).to(DEV)
+    conv = rgkernels.MaskedConv2d(2, 4, 3, padding=1).to(DEV)
+    tconv = rgkernels.MaskedConvTranspose2d(2, 4, 4, stride=2, padding=1).to(DEV)
+    limit = SE._INDEX_LIMIT
+    one = torch.zeros((), device=DEV)
+    assert SE.fused_support(lin, one.expand(limit - 1, 8), lin.weight)[0]
+    ok, why = SE.fused_support(lin, one.expand(2, limit // 2 + 1, 8), lin.weight)
+    assert not ok and "32 bits" in why
+    assert SE.fused_support(conv, one.expand(64, 2, 64, 64), conv.weight)[0]
+    assert not SE.fused_support(conv, one.expand(4096, 2, 1024, 1024), conv.weight)[0]
+    # a transposed conv's output is about stride^2 times its input: the bound follows it
+    n = limit // (2 * 512 * 2 * 512) + 1
+    assert SE.fused_support(tconv, one.expand(n, 2, 256, 256), tconv.weight)[0]
+    assert not SE.fused_support(tconv, one.expand(n, 2, 512, 512), tconv.weight)[0]
+
+
 def test_chain_links_under_spectral_norm():
     """Parametrised layers each get their own class: the links must not depend on the exact type."""
     sn = nn.utils.parametrizations.spectral_norm

@@ -231,7 +231,7 @@ CONV = [  # (co, ci, kh, kw, stride, padding, dilation, H, W)
 
 
 def _conv_case(co, ci, kh, kw, stride, padding, dilation, h, wd, dtype=torch.float32, mode=0,
-               channels_last=False, in_zero=None, transposed=False, out_pad=(0, 0)):
+               channels_last=False, in_zero=None, transposed=False, out_pad=(0, 0), blocks=None):
     """One conv (or transposed conv: `w` is then the [Co, Ci, KH, KW] row view of its [Ci, Co, KH, KW]
     weight, as the layers pass it) through the three ops, against F.conv2d / F.conv_transpose2d on the
     reference masked weight, in float32."""
@@ -271,9 +271,13 @@ def _conv_case(co, ci, kh, kw, stride, padding, dilation, h, wd, dtype=torch.flo
         nz[in_zero] = False
         ip = torch.argsort((~nz).to(torch.int8), stable=True).to(torch.int32).to(DEV)
         inl = torch.tensor([int(nz.sum())], dtype=torch.int32, device=DEV)
-    y = ops.triton_masked_conv_fwd(x, w, t1, b, perm, nlive, ip, inl, flops, *geo, list(out_pad))
-    dx = ops.triton_masked_conv_dgrad(dy, w, t1, perm, nlive, None, None, flops, [h, wd], *geo)
-    gw, gt, cnt = ops.triton_masked_conv_wgrad(dy, x, w, t1, ip, inl, mode, flops, *geo)
+    saved, TL._BLOCK_OVERRIDE = TL._BLOCK_OVERRIDE, blocks
+    try:
+        y = ops.triton_masked_conv_fwd(x, w, t1, b, perm, nlive, ip, inl, flops, *geo, list(out_pad))
+        dx = ops.triton_masked_conv_dgrad(dy, w, t1, perm, nlive, None, None, flops, [h, wd], *geo)
+        gw, gt, cnt = ops.triton_masked_conv_wgrad(dy, x, w, t1, ip, inl, mode, flops, *geo)
+    finally:
+        TL._BLOCK_OVERRIDE = saved
     assert torch.equal(t1, t_ref) and torch.equal(cnt, counts_ref) and torch.equal(counts, counts_ref)
     ref_bits = S.reference_stats(w, t_ref.clone(), b, 0.01)[1]
     assert torch.equal(bits, ref_bits)
@@ -293,6 +297,13 @@ def _conv_case(co, ci, kh, kw, stride, padding, dilation, h, wd, dtype=torch.flo
 @pytest.mark.parametrize("case", CONV)
 def test_conv_fp32(case):
     _conv_case(*case)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_conv_small_blocks_several_tiles_each_way(transposed):
+    """16x16x16 tiles: the weight-gradient grid has several output-channel tiles and several column
+    tiles (its flat program index is split into both), the forward and input gradient several of each."""
+    _conv_case(37, 5, 3, 3, (1, 1), (1, 1), (1, 1), 5, 4, transposed=transposed, blocks=(16, 16, 16))
 
 
 def test_conv_channels_last_masked_mode_and_input_compaction():

@@ -204,8 +204,11 @@ if triton is not None:
                       KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr,
                       K_COMPACT: tl.constexpr, MODE: tl.constexpr, DOT_DT: tl.constexpr,
                       PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        pid_c = tl.program_id(0)
-        pid_k = tl.program_id(1)
+        # Grid: output-channel tiles x column tiles, flat (a grid's second axis stops at 65535 tiles);
+        # channel tiles vary fastest, as on the first axis of a 2-D grid.
+        nct = tl.cdiv(CO, BM)
+        pid_c = tl.program_id(0) % nct
+        pid_k = tl.program_id(0) // nct
         M = NB * OH * OW
         KTOT = CI * (KH * KW)
         kl = _compact_count(KNL, CI, K_COMPACT) * (KH * KW)
@@ -376,7 +379,7 @@ def _wgrad_impl(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops, s
     cntp = torch.empty((nkt, co), dtype=torch.int32, device=dev)
     kp, kn = (in_perm, in_nlive) if kc else (gtp, gtp)
     with U.device_ctx(dev):
-        _k_conv_wgrad[(triton.cdiv(co, bm), nkt)](
+        _k_conv_wgrad[(triton.cdiv(co, bm) * nkt,)](
             dy, x, weight, threshold, kp, kn, gw, gtp, cntp, flops,
             nb, ci, h, wi, co, oh, ow, *dy.stride(), *x.stride(), *weight.stride(), threshold.stride(0),
             **_geom(stride, padding, dilation), KH=kh, KW=kw, TRANSPOSED=transposed, K_COMPACT=kc,

@@ -122,9 +122,11 @@ if triton is not None:
                      K_COMPACT: tl.constexpr, MODE: tl.constexpr, DOT_DT: tl.constexpr,
                      PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """Tile (rows = output channels, BM) x (cols = input features, BN), reduction over the
-        batch (BK); then the §2 epilogue. Grid: (row tiles, column tiles)."""
-        pid_c = tl.program_id(0)
-        pid_k = tl.program_id(1)
+        batch (BK); then the §2 epilogue. Grid: row tiles x column tiles, flat (a grid's second axis stops
+        at 65535 tiles); row tiles vary fastest, as they would on the first axis of a 2-D grid."""
+        nct = tl.cdiv(C, BM)
+        pid_c = tl.program_id(0) % nct
+        pid_k = tl.program_id(0) // nct
         kl = _compact_count(KNL, K, K_COMPACT)
         if (pid_c == 0) & (pid_k == 0):
             tl.atomic_add(FLOPS + 2, 2 * tl.cast(M, tl.int64) * tl.cast(C, tl.int64) * tl.cast(kl, tl.int64),
@@ -279,7 +281,7 @@ def _wgrad_impl(dy, x, weight, threshold, in_perm, in_nlive, grad_mode, flops):
     kp = in_perm if kc else gtp  # dummy pointer when not compacting
     kn = in_nlive if kc else gtp
     with U.device_ctx(dev):
-        _k_lin_wgrad[(triton.cdiv(c, bm), nkt)](
+        _k_lin_wgrad[(triton.cdiv(c, bm) * nkt,)](
             dy, x, weight, threshold, kp, kn, gw, gtp, cntp, flops,
             m, c, k, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
             weight.stride(0), weight.stride(1), threshold.stride(0),
