@@ -110,7 +110,9 @@ def build_loss(cfg: TrainConfig, G, D) -> GANLoss:
 
 
 def build_controller(cfg: TrainConfig) -> RGController:
-    return RGController(weights=cfg.ar_weights, enabled=bool(cfg.nets("aug_regen")))
+    # AR switches only nets that are pruned and under AR: with none, the mode it would log (and count
+    # as switches) is one that no network trains in.
+    return RGController(weights=cfg.ar_weights, enabled=bool(set(cfg.nets("aug_regen")) & set(cfg.nets("prune"))))
 
 
 def build_evaluator(cfg: TrainConfig, data: TrainingData, device: torch.device, log=print,

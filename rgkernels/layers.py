@@ -253,9 +253,10 @@ class MaskedLayer:
         CPU (a linear layer, or a conv that `_linear_input` lowers to one) and the compiled kernels
         are there, it runs as one fused node (rgkernels/ops/cpu_masked_linear.py): same forward, the
         masked-weight backward fused into the weight-gradient GEMM."""
-        if weight is None:
-            weight = self.weight
-        if input.is_cpu and self.__dict__.get("_pre_masked") is None:
+        pre_masked = self.__dict__.get("_pre_masked") is not None  # (then the weight is not read at all:
+        if weight is None and not pre_masked:                     # a spectral-norm parametrisation would
+            weight = self.weight                                  # run one more power iteration)
+        if input.is_cpu and not pre_masked:
             y = self._cpu_linear_forward(input, weight, **kw)
             if y is not None:
                 return y

@@ -95,3 +95,16 @@ def test_no_regrowth_thresholds_never_fall():
     net[0].weight.grad = torch.zeros_like(net[0].weight)
     opt.step()
     assert torch.all(t.detach()[1:] == 0.1) and float(t.detach()[0]) == pytest.approx(1.1)
+
+
+@pytest.mark.parametrize("prune, aug_regen, enabled", [("GD", "GD", True), ("G", "GD", True), ("G", "D", False),
+                                                        ("GD", "", False), ("D", "D", True)])
+def test_ar_is_on_only_for_a_net_that_is_pruned(prune, aug_regen, enabled):
+    """With no net both pruned and under AR, the controller would log (and count) switches to a mode
+    that no network trains in: it is off, and the logged mode stays the one the pruned nets train in."""
+    from rggan_fast.build import build_controller
+    from rggan_fast.config import TrainConfig
+
+    c = build_controller(TrainConfig(prune=prune, aug_regen=aug_regen))
+    assert c.enabled == enabled
+    assert [c.update(f) for f in (1, 1, 1, 1, 2)][-1] == (DENSE if enabled else SPARSE)

@@ -69,3 +69,30 @@ def test_grouped_layer_called_twice_and_dense_layers():
         assert (p.grad is None) == (q.grad is None), n
         if p.grad is not None:  # the grouped path sums the calls' dL/dW_hat before the op: rounding only
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_one_power_iteration_per_forward_inside_grouped_masks(monkeypatch):
+    """Spectral norm's power iteration (the u / v update) runs once per forward, inside grouped_masks as
+    outside and in dense mode: a layer must not read its weight again once the grouped launch computed
+    its masked version (with the parametrisation, every read is an iteration: u would advance twice as
+    fast in sparse mode). The hook form computes its weight once per forward in any case."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    calls = []
+    param_fwd, hook_compute = parametrizations._SpectralNorm.forward, SpectralNorm.compute_weight
+    monkeypatch.setattr(parametrizations._SpectralNorm, "forward",
+                        lambda self, w: (calls.append("param") if self.training else None) or param_fwd(self, w))
+    monkeypatch.setattr(SpectralNorm, "compute_weight",
+                        lambda self, module, do_power_iteration: (calls.append("hook") if do_power_iteration else None)
+                        or hook_compute(self, module, do_power_iteration))
+    m = _model()
+    x = torch.randn(2, 3, 4, 4)
+    for mode in ("plain", "grouped", "dense"):
+        rgkernels.set_sparse(m, mode != "dense")
+        calls.clear()
+        if mode == "grouped":
+            with rgkernels.grouped_masks(m):
+                m(x).sum().backward()
+        else:
+            m(x).sum().backward()
+        assert sorted(calls) == ["hook", "param"], mode
