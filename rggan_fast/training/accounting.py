@@ -8,10 +8,15 @@ One training iteration of SNGAN-style training with batch B and n_critic n is
 `rgkernels.count_flops` gives per-sample FLOPs of a forward pass, its input gradient and its
 weight gradient (dense / active / executed) for the networks as they are now; they are refreshed
 every `flops_every` iterations and at every mode switch, and accumulated per iteration.
+
+A training step counts the input gradient only of the layers that get one: not of those that read
+the step's input directly (D's first convolutions on images that need no gradient, G's first layer
+on z), which autograd never computes. In the G step D's input is G's output, so every layer of D
+gets its input gradient there.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Set
 
 import torch
 
@@ -22,6 +27,37 @@ def _fig(counts, fig: str) -> int:
     return int(getattr(counts, fig))
 
 
+def layers_with_input_grad(net: torch.nn.Module, example: torch.Tensor) -> Set[str]:
+    """Names (as count_flops reports them) of the linear / conv layers whose input requires a gradient
+    when `example`, the network's input, does not: the layers whose input gradient a training step of
+    `net` computes. One forward in eval mode (no power iteration, no batch-norm statistics updates)."""
+    names = {id(m): n or type(m).__name__ for n, m in net.named_modules()}
+    found: Set[str] = set()
+
+    def hook(m, args, kwargs, out):
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            found.add(names[id(m)])
+
+    kinds = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in net.modules() if isinstance(m, kinds)]
+    modes = {m: m.training for m in net.modules()}
+    try:
+        net.eval()
+        with torch.enable_grad():
+            net(example)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return found
+
+
+def _input_grad(report, names: Set[str], fig: str) -> int:
+    return sum(_fig(lf.input_grad, fig) for name, lf in report.layers.items() if name in names)
+
+
 def per_iteration_flops(G, D, z_dim: int, res: int, batch: int, n_critic: int, device) -> Dict[str, int]:
     import rgkernels
 
@@ -29,12 +65,15 @@ def per_iteration_flops(G, D, z_dim: int, res: int, batch: int, n_critic: int, d
     x = torch.zeros(1, 3, res, res, device=device)
     g = rgkernels.count_flops(G, z)
     d = rgkernels.count_flops(D, x)
+    g_in, d_in_reals = layers_with_input_grad(G, z), layers_with_input_grad(D, x)
     out = {}
     for f in FIGURES:
-        g_fwd, g_step = _fig(g.forward, f), _fig(g.step, f)
-        d_fwd, d_in, d_step = _fig(d.forward, f), _fig(d.input_grad, f), _fig(d.step, f)
+        g_fwd, g_wgrad = _fig(g.forward, f), _fig(g.weight_grad, f)
+        d_fwd, d_in, d_wgrad = _fig(d.forward, f), _fig(d.input_grad, f), _fig(d.weight_grad, f)
+        d_step = d_fwd + _input_grad(d, d_in_reals, f) + d_wgrad  # on reals and detached fakes
+        g_step = g_fwd + _input_grad(g, g_in, f) + g_wgrad  # on z
         d_phase = n_critic * (batch * g_fwd + 2 * batch * d_step)
-        g_phase = batch * g_step + batch * (d_fwd + d_in)
+        g_phase = batch * g_step + batch * (d_fwd + d_in)  # D on G's output: every input gradient
         out[f] = d_phase + g_phase
     return out
 
