@@ -263,7 +263,9 @@ RGK_ALWAYS_INLINE void bwd_rows_t(const BwdLayer& L, int64_t r0, int64_t r1, boo
   // vector before they store it; the generic loops get a copy of g's row (in L1), because with
   // aliased rows gcc's run-time overlap check sends them to their scalar versions (FastGAN's
   // transposed first layer, a strided weight: its backward rows took 3x as long).
-  const bool in_place = L.g == L.gw;
+  // (K = 0: both pointers may be null, equal without aliasing anything; memcpy from null is UB even for
+  // 0 bytes, which UBSan reported for an empty [C, 0] weight)
+  const bool in_place = L.g == L.gw && L.K > 0;
   scalar_t* g_copy = reinterpret_cast<scalar_t*>(static_cast<double*>(scratch) + L.K);
   for (int64_t r = r0; r < r1; ++r) {
     const acc_t t = static_cast<acc_t>(L.thr[r * L.ts]);
