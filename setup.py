@@ -61,6 +61,10 @@ def _extensions():
     # -ffp-contract=off: no FMA contraction, so the kernels match the reference bit for bit.
     cxx_flags = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off"]
     link_flags = ["-fopenmp"]
+    if _flag("RGKERNELS_SANITIZE"):  # AddressSanitizer + UBSan build of the C++ kernels (scripts/cpu_sanitize.sh)
+        cxx_flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
+        link_flags += ["-fsanitize=address,undefined"]
+        print("rggan-fast: RGKERNELS_SANITIZE set: C++ kernels built with -fsanitize=address,undefined")
 
     use_cuda = (
         not _flag("RGKERNELS_SKIP_CUDA")

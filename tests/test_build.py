@@ -168,3 +168,18 @@ def test_gpu_check_all_keeps_to_its_budget(tmp_path):
     assert len(logs) == 1 and "sanitize: skipped" in open(tmp_path / logs[0]).read()
     r = subprocess.run(["bash", GPU_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "gpu_check.sh all" in r.stdout
+
+
+def test_cpu_sanitize_script_and_its_build_switch():
+    """scripts/cpu_sanitize.sh (not run here: its build takes minutes) parses, and RGKERNELS_SANITIZE makes
+    setup.py add the sanitizer flags (checked from setup.py's own report, without compiling)."""
+    script = os.path.join(ROOT, "scripts", "cpu_sanitize.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    env = dict(os.environ, RGKERNELS_SANITIZE="1", RGKERNELS_SKIP_CUDA="1")
+    out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "built with -fsanitize=address,undefined" in out.stdout
+    env.pop("RGKERNELS_SANITIZE")
+    out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "fsanitize" not in out.stdout
