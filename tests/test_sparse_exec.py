@@ -630,6 +630,53 @@ def test_fused_support_refuses_more_gemm_rows_than_32_bit_indices_hold():
     assert not SE.fused_support(tconv, one.expand(n, 2, 512, 512), tconv.weight)[0]
 
 
+@needs_triton
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_fused_ops_called_directly_in_eager_mode_and_registered_under_a_dispatch_mode(monkeypatch, kind):
+    """In eager mode the fused path calls the ops' Python implementations directly (a custom op's
+    dispatch is host time on every call); the numbers are the registered ops' bit for bit, and a dispatch
+    mode (FlopCounterMode, fake tensors, ...) still sees the registered ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    make = (lambda: rgkernels.MaskedLinear(12, 9)) if kind == "linear" else (
+        lambda: rgkernels.MaskedConv2d(3, 6, 3, padding=1))
+    shape = (5, 12) if kind == "linear" else (2, 3, 5, 5)
+    torch.manual_seed(0)
+    base = _prune(make(), dead=[2]).to(DEV)
+    x = torch.randn(shape, device=DEV)
+    results = {}
+    for direct in (True, False):
+        monkeypatch.setattr(SE, "DIRECT_CALLS", direct)
+        layer = copy.deepcopy(base)
+        SE.set_execution(layer, "fused")
+        xx = x.clone().requires_grad_()
+        version = layer.threshold._version
+        y = layer(xx)
+        bumped = layer.threshold._version != version
+        y.square().sum().backward()
+        results[direct] = (y, xx.grad, layer.weight.grad, layer.threshold.grad, layer.bias.grad, bumped)
+    for a, b in zip(results[True][:5], results[False][:5]):
+        assert torch.equal(a, b)
+    assert not results[True][5] and results[False][5]  # the registered op declares its threshold mutation
+    monkeypatch.setattr(SE, "DIRECT_CALLS", True)
+    layer = copy.deepcopy(base)
+    SE.set_execution(layer, "fused")
+    with Seen() as seen:
+        layer(x.clone().requires_grad_()).sum().backward()
+    want = {f"rgkernels.triton_mask_stats", f"rgkernels.triton_masked_{kind}_fwd", f"rgkernels.triton_masked_{kind}_dgrad",
+            f"rgkernels.triton_masked_{kind}_wgrad"}
+    assert want <= seen.ops, seen.ops
+
+
 def test_chain_links_under_spectral_norm():
     """Parametrised layers each get their own class: the links must not depend on the exact type."""
     sn = nn.utils.parametrizations.spectral_norm
