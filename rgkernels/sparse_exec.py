@@ -176,6 +176,8 @@ def fused_support(layer, x: Tensor, w: Tensor) -> Tuple[bool, str]:
         return False, "input and weight on different devices"
     if torch.is_autocast_enabled(x.device.type):
         return False, "autocast is on (the fused kernels do not autocast)"
+    if torch.compiler.is_compiling():  # AOT autograd's partitioner refuses the fused node's graph
+        return False, "under torch.compile (the fused node does not compile yet)"
     if kind != "linear":
         if layer.groups != 1:
             return False, "grouped convolution"

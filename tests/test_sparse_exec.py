@@ -677,6 +677,27 @@ def test_fused_ops_called_directly_in_eager_mode_and_registered_under_a_dispatch
     assert want <= seen.ops, seen.ops
 
 
+@needs_triton
+def test_fused_layer_under_torch_compile_runs_masked_weight(monkeypatch):
+    """The fused node does not compile (AOT autograd's partitioner refuses its graph): under torch.compile a
+    layer set to "fused" runs masked_weight, with one warning line, and gives the eager fused numbers."""
+    monkeypatch.setattr(rgkernels._backend, "_warned", set())  # once per process: another test may have had it
+    torch.manual_seed(0)
+    layer = _prune(rgkernels.MaskedLinear(12, 9), dead=[3]).to(DEV)
+    SE.set_execution(layer, "fused")
+    eager = copy.deepcopy(layer)
+    x = torch.randn(5, 12, device=DEV)
+    compiled = torch.compile(layer, backend="aot_eager")
+    with pytest.warns(UserWarning, match="under torch.compile"):
+        y = compiled(x)
+    y.square().sum().backward()
+    y_ref = eager(x)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    for name in ("weight", "threshold", "bias"):
+        torch.testing.assert_close(getattr(layer, name).grad, getattr(eager, name).grad, msg=name)
+
+
 def test_chain_links_under_spectral_norm():
     """Parametrised layers each get their own class: the links must not depend on the exact type."""
     sn = nn.utils.parametrizations.spectral_norm
