@@ -38,7 +38,7 @@ run their op as in any forward (their last keep counts are updated; the collapse
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Union
+from typing import Dict, List, Set, Union
 
 import torch
 from torch import Tensor, nn
@@ -153,6 +153,43 @@ def _active_weights(m: nn.Module, weights: int) -> Union[int, Tensor]:
     return weights
 
 
+def _each_layer_call(module: nn.Module, example_inputs: tuple, on_call) -> None:
+    """Runs module(*example_inputs) once in eval mode (no power iteration, no batch-norm statistics
+    updates), calling on_call(name, layer, kind, input, output) for every call of a linear / conv layer
+    (name as count_flops reports it); the modules' training flags are restored."""
+    names = {id(m): n or type(m).__name__ for n, m in module.named_modules()}
+
+    def hook(m, args, kwargs, out):
+        on_call(names[id(m)], m, _kind(m), args[0] if args else kwargs.get("input"), out)  # layer(x) / (input=x)
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in module.modules() if _kind(m) is not None]
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        module(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+
+
+def layers_with_input_grad(module: nn.Module, *example_inputs) -> Set[str]:
+    """Names (as count_flops reports them) of the linear / conv layers whose input requires a gradient
+    when the example inputs do not: the layers whose input gradient a training step on those inputs
+    computes (not those reading an input that needs no gradient, e.g. a discriminator's first convolutions
+    on real images). One forward with gradients enabled."""
+    found: Set[str] = set()
+
+    def on_call(name, m, kind, x, out):
+        if isinstance(x, Tensor) and x.requires_grad:
+            found.add(name)
+
+    with torch.enable_grad():
+        _each_layer_call(module, example_inputs, on_call)
+    return found
+
+
 @torch.no_grad()
 def count_flops(module: nn.Module, *example_inputs) -> FlopReport:
     """FLOPs of `module(*example_inputs)` and of a training step on it; see the module docstring."""
@@ -161,27 +198,13 @@ def count_flops(module: nn.Module, *example_inputs) -> FlopReport:
         raise TypeError("count_flops(module, *example_inputs): give the inputs of one forward, "
                         "e.g. count_flops(G, z)")
     calls: List[tuple] = []  # (name, module, kind, uses, active weights)
-    names = {id(m): n for n, m in module.named_modules()}
 
-    def hook(m, args, kwargs, out):
-        kind = _kind(m)
+    def on_call(name, m, kind, x, out):
         weights = _weight_entries(m, kind)
-        x = args[0] if args else kwargs.get("input")  # layer(x) or layer(input=x)
         uses = _uses(m, kind, x, out)
-        calls.append((names[id(m)] or type(m).__name__, m, kind, uses, _active_weights(m, weights),
-                      _executed(m, uses)))
+        calls.append((name, m, kind, uses, _active_weights(m, weights), _executed(m, uses)))
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in module.modules() if _kind(m) is not None]
-    modes = {m: m.training for m in module.modules()}
-    try:
-        module.eval()  # no power-iteration or batch-norm statistics updates from counting
-        module(*example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-
+    _each_layer_call(module, example_inputs, on_call)
     n = len(calls)
     flat = [c[4] for c in calls] + [v for c in calls if c[5] is not None for v in c[5]]
     host = _to_host(flat)  # one sync per device for the whole model

@@ -195,3 +195,12 @@ def test_weight_normed_layers_are_counted():
             r = rgkernels.count_flops(model, torch.randn(2, 10))
             assert r.layers["2"].forward.dense == 2 * (2 * 3 * 3) * (4 * 3 * 3 * 3)  # uses, weights
             assert r.layers["0"].forward.dense == 2 * 2 * 10 * 150
+
+
+def test_layers_that_get_an_input_gradient():
+    """The layers whose input gradient a training step computes: not those on an input that needs none."""
+    G = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3 * 2 * 2), nn.Unflatten(1, (3, 2, 2)))
+    D = nn.Sequential(nn.Conv2d(3, 5, 1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 2 * 2, 1))
+    assert rgkernels.flops.layers_with_input_grad(G, torch.zeros(1, 4)) == {"2"}  # not the layer on z
+    assert rgkernels.flops.layers_with_input_grad(D, torch.zeros(1, 3, 2, 2)) == {"3"}  # not the conv on the images
+    assert G.training and D.training  # modes restored

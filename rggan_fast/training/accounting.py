@@ -27,39 +27,13 @@ def _fig(counts, fig: str) -> int:
     return int(getattr(counts, fig))
 
 
-def layers_with_input_grad(net: torch.nn.Module, example: torch.Tensor) -> Set[str]:
-    """Names (as count_flops reports them) of the linear / conv layers whose input requires a gradient
-    when `example`, the network's input, does not: the layers whose input gradient a training step of
-    `net` computes. One forward in eval mode (no power iteration, no batch-norm statistics updates)."""
-    names = {id(m): n or type(m).__name__ for n, m in net.named_modules()}
-    found: Set[str] = set()
-
-    def hook(m, args, kwargs, out):
-        x = args[0] if args else kwargs.get("input")
-        if isinstance(x, torch.Tensor) and x.requires_grad:
-            found.add(names[id(m)])
-
-    kinds = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in net.modules() if isinstance(m, kinds)]
-    modes = {m: m.training for m in net.modules()}
-    try:
-        net.eval()
-        with torch.enable_grad():
-            net(example)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-    return found
-
-
 def _input_grad(report, names: Set[str], fig: str) -> int:
     return sum(_fig(lf.input_grad, fig) for name, lf in report.layers.items() if name in names)
 
 
 def per_iteration_flops(G, D, z_dim: int, res: int, batch: int, n_critic: int, device) -> Dict[str, int]:
     import rgkernels
+    from rgkernels.flops import layers_with_input_grad
 
     z = torch.zeros(1, z_dim, device=device)
     x = torch.zeros(1, 3, res, res, device=device)
