@@ -42,7 +42,8 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def applies(x: Tensor, weight: Tensor, threshold: Tensor, bias: Optional[Tensor]) -> bool:
     """Whether `masked_linear_cpu` can run this call: inputs of the weight's width, CPU tensors of one
-    supported dtype, a float32 threshold, the compiled CPU backend chosen (not overridden), no CPU autocast, no forward-mode AD."""
+    supported dtype, a float32 threshold, the compiled CPU backend chosen (not overridden), no CPU
+    autocast, no forward-mode AD."""
     dt = weight.dtype
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         return False  # the layer's generic path raises F.linear's / the conv's own message
