@@ -88,8 +88,12 @@ def check_mode_flag(flag) -> bool:
 
 
 def _moved(t: Tensor, fn) -> Tensor:
-    """`t` on the device nn.Module._apply's `fn` moves tensors to, with its own dtype and values."""
-    return t.to(fn(t.new_empty(0)).device)
+    """`t` on the device nn.Module._apply's `fn` moves tensors to, with its own dtype and values (zeros
+    from the meta device, which has none: `to_empty()` of a model built there)."""
+    device = fn(t.new_empty(0)).device
+    if t.is_meta and device.type != "meta":
+        return torch.zeros(t.shape, dtype=t.dtype, device=device)
+    return t.to(device)
 
 
 class MaskedLayer:
@@ -131,6 +135,9 @@ class MaskedLayer:
         self._sparse = True
         for name in _TRANSIENT:
             object.__setattr__(self, name, None)
+        # Made here, not by the first fused forward: under torch.compile a counter created inside the
+        # graph could not be written by the backward's kernels (see sparse_exec._flops_counter).
+        self._exec_flops = torch.zeros(3, dtype=torch.int64, device=w.device)
 
     def reset_parameters(self) -> None:
         """The nn layer's initialisation, and the threshold back to 0 (as created): after `to_empty()`
@@ -200,7 +207,8 @@ class MaskedLayer:
             return g if m is None else g.masked_fill(~m, 0)
 
         p.register_hook(mask_grad)
-        self._grad_hooked = p_ref
+        # Not through nn.Module.__setattr__: torch.compile 2.11 cannot trace its isinstance checks on a weakref.
+        object.__setattr__(self, "_grad_hooked", p_ref)
 
     # ---- the masked weight -------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@
                                         and optionally on disk, and found again in later calls through a
                                         memo per layer and call signature (auto_choice). On CPU and under the
                                         Triton interpreter "auto" is always "masked_weight" (nothing is
-                                        measured there).
+                                        measured there). Under torch.compile it runs what the layer's eager
+                                        calls decided, else "masked_weight" (_traced_choice).
     rgkernels.sparse_exec.set_execution(module, mode) sets it on every masked layer; RGKERNELS_EXECUTION sets the
     default of layers that were never given one.
 
@@ -176,8 +177,6 @@ def fused_support(layer, x: Tensor, w: Tensor) -> Tuple[bool, str]:
         return False, "input and weight on different devices"
     if torch.is_autocast_enabled(x.device.type):
         return False, "autocast is on (the fused kernels do not autocast)"
-    if torch.compiler.is_compiling():  # AOT autograd's partitioner refuses the fused node's graph
-        return False, "under torch.compile (the fused node does not compile yet)"
     if kind != "linear":
         if layer.groups != 1:
             return False, "grouped convolution"
@@ -421,7 +420,18 @@ def _dead_bucket(layer, weight: Tensor) -> int:
     return st["bucket"]
 
 
-def _decision_key(layer, x: Tensor, w: Tensor, kind: str, bucket: int, output_size=None) -> str:
+_DEVICE_LABELS: Dict[torch.device, str] = {}  # device -> its name in decision keys (filled by eager calls)
+
+
+def _device_label(device: torch.device) -> str:
+    label = _DEVICE_LABELS.get(device)
+    if label is None:
+        label = _DEVICE_LABELS[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return label
+
+
+def _decision_key(layer, x: Tensor, w: Tensor, kind: str, bucket: int, output_size=None,
+                  device_label: Optional[str] = None) -> str:
     geom = ""
     if kind != "linear":
         geom = f"|s{tuple(layer.stride)}p{_conv_padding(layer)}d{tuple(layer.dilation)}"
@@ -429,7 +439,7 @@ def _decision_key(layer, x: Tensor, w: Tensor, kind: str, bucket: int, output_si
         geom += f"op{tuple(_conv_args(layer, x, output_size)[4])}"
     grads = (torch.is_grad_enabled() and x.requires_grad, torch.is_grad_enabled()
              and (w.requires_grad or layer.threshold.requires_grad))
-    dev = torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else x.device.type
+    dev = device_label or _device_label(x.device)
     return (f"{kind}|w{tuple(w.shape)}|x{tuple(x.shape)}{geom}|{str(w.dtype).replace('torch.', '')}|{dev}"
             f"|bias{int(layer.bias is not None)}|grad{int(grads[0])}{int(grads[1])}|dead{bucket}/8")
 
@@ -498,8 +508,8 @@ def auto_choice(layer, x: Tensor, weight: Tensor, output_size=None) -> str:
     built here. The device check is the caller's (`resolve`: CUDA only); tests run this on the CPU,
     under the Triton interpreter."""
     kind = _kind(layer)
-    if torch.compiler.is_compiling():  # traced once: no memo bookkeeping in the graph
-        return _auto_decision(layer, x, weight, kind, output_size)[0]
+    if torch.compiler.is_compiling():
+        return _traced_choice(layer, x, weight, kind, output_size)
     grad = torch.is_grad_enabled()
     params = layer._parameters  # plain reads, not nn.Module.__getattr__ (about a microsecond each)
     t = params["threshold"]
@@ -536,6 +546,18 @@ def auto_choice(layer, x: Tensor, weight: Tensor, output_size=None) -> str:
     else:
         memo.setdefault(sig, {})[bucket] = choice
     return choice
+
+
+def _traced_choice(layer, x: Tensor, weight: Tensor, kind: str, output_size=None) -> str:
+    """"auto" under torch.compile: the decision already made for this call (by the layer's eager calls, which
+    also counted its dead rows), read without timing, host syncs or events, none of which a graph can
+    hold; "masked_weight" where none was made. (Dynamo guards on what it read: a decision made later
+    recompiles the graph that used the stand-in.)"""
+    st = layer.__dict__.get("_exec_state")
+    label = _DEVICE_LABELS.get(x.device)
+    if st is None or label is None or not fused_support(layer, x, weight)[0]:
+        return "masked_weight"
+    return _DECISIONS.get(_decision_key(layer, x, weight, kind, st["bucket"], output_size, label), "masked_weight")
 
 
 def _auto_decision(layer, x: Tensor, weight: Tensor, kind: str, output_size=None,
@@ -739,11 +761,33 @@ def _apply_fused(kind, x, weight, threshold, bias, grad_mode, guard_ratio, conv,
 def _flops_counter(layer, device: torch.device) -> Tensor:
     c = layer._exec_flops
     if c is None or c.device != device:
-        c = torch.zeros(3, dtype=torch.int64, device=device)
-        if layer._exec_flops is not None:
-            c += layer._exec_flops.to(device)
-        layer._exec_flops = c
+        if torch.compiler.is_compiling():
+            return _eager_new_flops_counter()(layer, device)
+        return _new_flops_counter(layer, device)
     return c
+
+
+def _new_flops_counter(layer, device: torch.device) -> Tensor:
+    c = torch.zeros(3, dtype=torch.int64, device=device)
+    if layer._exec_flops is not None:
+        c += layer._exec_flops.to(device)
+    layer._exec_flops = c
+    return c
+
+
+# Every masked layer gets its counter when it is made (layers.py); this makes one for a layer pickled
+# before that. Under torch.compile it must be made outside the graph: created inside, it would be an
+# intermediate that the backward's kernels write, and AOT autograd's partitioner refuses a forward output
+# written by the backward ("Node ... was invalid, but is output"); made eagerly (one graph break, in the
+# first compiled call), it is a graph input, which the backward may mutate.
+_EAGER_NEW_FLOPS_COUNTER = None
+
+
+def _eager_new_flops_counter():
+    global _EAGER_NEW_FLOPS_COUNTER
+    if _EAGER_NEW_FLOPS_COUNTER is None:  # built on first use: importing torch._dynamo takes ~2 s
+        _EAGER_NEW_FLOPS_COUNTER = torch.compiler.disable(_new_flops_counter, recursive=True)
+    return _EAGER_NEW_FLOPS_COUNTER
 
 
 def forward(layer, x: Tensor, **kw) -> Tensor:
@@ -820,12 +864,22 @@ class ChainHandle:
         self._objs = []
 
 
+class _ChainCall:
+    """Identifies one call of a chained Sequential (an instance of a class of ours, not `object()`:
+    torch.compile 2.11 cannot trace the latter)."""
+
+
 def _chain_call_begins(seq, args):  # module-level: a model with these hooks still pickles
-    seq._rg_token = object()
+    seq._rg_token = _ChainCall()
 
 
 def _chain_call_ends(seq, args, out):
+    # The producers' outputs' channel orders expire with the call; the token does not outlive it either,
+    # which also keeps it out of what torch.compile would have to rebuild after a compiled call.
     seq._rg_token = None
+    for child in seq:
+        if getattr(child, "_chain_out", None) is not None:
+            child._chain_out = None
 
 
 def compact_chains(module: nn.Module) -> ChainHandle:

@@ -588,6 +588,32 @@ def test_auto_choice_memo_per_call_signature(monkeypatch):
 
 
 @needs_triton
+def test_auto_choice_under_torch_compile(monkeypatch):
+    """Under torch.compile (fullgraph: no timing, sync or event in the graph) "auto" runs the decision the
+    layer's eager calls made for that call, and "masked_weight" for a layer or a call never decided."""
+    SE.clear_decisions()
+    layer = _prune(rgkernels.MaskedLinear(6, 8)).to(DEV)
+    fresh = copy.deepcopy(layer)
+    monkeypatch.setattr(SE, "_measure_candidates", lambda *a, **k: {"masked_weight": "m", "fused": "f"})
+    monkeypatch.setattr(SE, "_cuda_time", {"m": 2.0, "f": 1.0}.get)
+    x = torch.randn(4, 6, device=DEV, requires_grad=True)
+    assert SE.auto_choice(layer, x, layer.weight) == "fused"  # eager: measured (fake timings) and cached
+    # The dead-row count syncs, or on a GPU queries an event of an asynchronous copy: never in a graph.
+    monkeypatch.setattr(SE, "_dead_bucket", lambda *a: pytest.fail("dead rows counted inside the graph"))
+
+    def path_code(m, inp):  # the choice, as a number the compiled graph returns
+        return inp.sum() * 0 + (1 if SE.auto_choice(m, inp, m.weight) == "fused" else 2)
+
+    compiled = torch.compile(path_code, backend="aot_eager", fullgraph=True)
+    assert compiled(layer, x).item() == 1
+    assert compiled(fresh, x).item() == 2  # no eager call: no dead-row count, nothing decided
+    assert compiled(layer, torch.randn(3, 6, device=DEV)).item() == 2  # a call signature never measured
+    layer._exec_state["bucket"] = 8  # every row found dead: another decision key, not measured
+    assert compiled(layer, x).item() == 2
+    SE.clear_decisions()
+
+
+@needs_triton
 def test_auto_choice_memo_unsupported_calls_and_copies(monkeypatch):
     """Calls the fused kernels cannot run are memoised as such (no dead-row count either), and the memo
     goes neither into pickles nor deep copies."""
@@ -677,25 +703,103 @@ def test_fused_ops_called_directly_in_eager_mode_and_registered_under_a_dispatch
     assert want <= seen.ops, seen.ops
 
 
+def _compiled_matches_eager(model, x, steps=2, fullgraph=True):
+    """`model` compiled (AOT autograd, the graph partitioned into forward and backward) against an eager
+    deep copy, over `steps` training steps: outputs, every gradient, the masks of the last forward and the
+    executed-FLOP counters (which only the fused kernels advance) all equal. Returns the counters."""
+    eager = copy.deepcopy(model)
+    for m in (model, eager):
+        SE.compact_chains(m)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+    for _ in range(steps):
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback to masked_weight (it warns)
+            yc = compiled(xc)
+            yc.square().sum().backward()
+        ye = eager(xe)
+        ye.square().sum().backward()
+        torch.testing.assert_close(yc, ye, rtol=0, atol=0)
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=0, atol=0)
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+        for (name, a), (_, b) in zip(rgkernels.masked_layers(model), rgkernels.masked_layers(eager)):
+            assert torch.equal(a.mask(), b.mask()), name
+    flops = SE.executed_flops(model)
+    assert flops == SE.executed_flops(eager)
+    return flops
+
+
 @needs_triton
-def test_fused_layer_under_torch_compile_runs_masked_weight(monkeypatch):
-    """The fused node does not compile (AOT autograd's partitioner refuses its graph): under torch.compile a
-    layer set to "fused" runs masked_weight, with one warning line, and gives the eager fused numbers."""
-    monkeypatch.setattr(rgkernels._backend, "_warned", set())  # once per process: another test may have had it
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_transpose"])
+def test_fused_layer_under_torch_compile(kind):
+    """The fused node compiles (fullgraph): the same numbers as the eager fused layer, and the kernels ran
+    (their FLOP counter moved by the fused forward's, input-gradient's and weight-gradient's counts)."""
     torch.manual_seed(0)
-    layer = _prune(rgkernels.MaskedLinear(12, 9), dead=[3]).to(DEV)
+    if kind == "linear":
+        layer, x = rgkernels.MaskedLinear(12, 9), torch.randn(5, 12)
+    elif kind == "conv":
+        layer, x = rgkernels.MaskedConv2d(4, 6, 3, padding=1, stride=2), torch.randn(2, 4, 7, 6)
+    else:
+        layer, x = rgkernels.sparsify(nn.ConvTranspose2d(4, 6, 3, stride=2)), torch.randn(2, 4, 3, 4)
+    layer = _prune(layer, dead=[3]).to(DEV)
     SE.set_execution(layer, "fused")
-    eager = copy.deepcopy(layer)
-    x = torch.randn(5, 12, device=DEV)
-    compiled = torch.compile(layer, backend="aot_eager")
-    with pytest.warns(UserWarning, match="under torch.compile"):
-        y = compiled(x)
-    y.square().sum().backward()
-    y_ref = eager(x)
-    y_ref.square().sum().backward()
-    torch.testing.assert_close(y, y_ref)
-    for name in ("weight", "threshold", "bias"):
-        torch.testing.assert_close(getattr(layer, name).grad, getattr(eager, name).grad, msg=name)
+    flops = _compiled_matches_eager(layer, x.to(DEV))[""]
+    assert min(flops.values()) > 0, flops
+    layer.zero_grad()
+    r = rgkernels.count_flops(layer, x.to(DEV))  # the executed figures of one more forward
+    assert r.forward.executed < r.forward.dense  # row 3 skipped
+
+
+@needs_triton
+@pytest.mark.parametrize("family", ["linear", "conv"])
+def test_fused_chain_under_torch_compile(family):
+    """A chained Sequential with spectral norm compiles (fullgraph): the consumer skips the producer's zero
+    channels as in eager mode (same executed FLOPs), with the same numbers."""
+    torch.manual_seed(1)
+    sn = nn.utils.parametrizations.spectral_norm
+    if family == "linear":
+        model, x = nn.Sequential(sn(nn.Linear(6, 8)), nn.ReLU(), nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 3)), \
+            torch.randn(4, 6)
+    else:
+        model, x = nn.Sequential(sn(nn.Conv2d(3, 8, 3)), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.LeakyReLU(0.2),
+                                 nn.Conv2d(6, 4, 1)), torch.randn(2, 3, 8, 8)
+    model = rgkernels.sparsify(model)
+    for _, m in rgkernels.masked_layers(model):
+        _prune(m, dead=[1], hi=0.05)
+        if m.bias is not None:
+            with torch.no_grad():
+                m.bias[1] = 0  # channel 1's output identically zero: the next layer may skip it
+    model = SE.set_execution(model.to(DEV), "fused")
+    flops = _compiled_matches_eager(model, x.to(DEV))
+    layer1 = dict(rgkernels.masked_layers(model))["2"]
+    dense = 2 * 2 * (x.shape[0] * (1 if family == "linear" else 16)) * layer1.weight[0].numel() * \
+        layer1.weight.shape[0]  # two forwards of the second layer, every channel
+    assert flops["2"]["forward"] < dense, (flops["2"], dense)
+
+
+@needs_triton
+def test_fused_layer_under_torch_compile_without_a_counter():
+    """A layer pickled before the FLOP counter was made with the layer gets it from the first compiled call
+    (made outside the graph: a graph break, so not with fullgraph=True)."""
+    torch.manual_seed(2)
+    layer = SE.set_execution(_prune(rgkernels.MaskedLinear(7, 5), dead=[0]).to(DEV), "fused")
+    layer._exec_flops = None
+    flops = _compiled_matches_eager(layer, torch.randn(3, 7, device=DEV), fullgraph=False)
+    assert layer._exec_flops is not None and flops[""]["forward"] > 0
+
+
+def test_flop_counter_made_with_the_layer_and_moved_from_meta():
+    """Every masked layer has its int64 counter from construction; a model built on the meta device gets
+    zeroed counters from to_empty(), and .double() leaves them int64."""
+    with torch.device("meta"):
+        model = rgkernels.sparsify(nn.Sequential(nn.Linear(3, 4), nn.Conv2d(2, 3, 3)))
+    for _, m in rgkernels.masked_layers(model):
+        assert m._exec_flops.is_meta
+    model.to_empty(device="cpu").double()
+    for _, m in rgkernels.masked_layers(model):
+        assert m._exec_flops.dtype == torch.int64 and m._exec_flops.device.type == "cpu"
+        assert torch.equal(m._exec_flops, torch.zeros(3, dtype=torch.int64))
 
 
 def test_chain_links_under_spectral_norm():
