@@ -19,6 +19,8 @@ import threading
 import warnings
 from typing import Dict, Iterator, List, Optional, Tuple
 
+import torch
+
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (see README)"
@@ -151,6 +153,8 @@ def choose(device_type: str, explicit: Optional[str] = None) -> str:
         if not ok:
             raise RuntimeError(f"rgkernels: backend {requested!r} cannot run {device_type} tensors: {why}")
         return requested
+    if torch.compiler.is_compiling():  # the cache filled while tracing would recompile the graph once
+        return _choose_auto(device_type)
     hit = _auto_choice.get(device_type)
     if hit is not None and hit[0] is _ext:
         return hit[1]

@@ -138,6 +138,9 @@ class MaskedLayer:
         # Made here, not by the first fused forward: under torch.compile a counter created inside the
         # graph could not be written by the backward's kernels (see sparse_exec._flops_counter).
         self._exec_flops = torch.zeros(3, dtype=torch.int64, device=w.device)
+        # A weight already under spectral norm gets its gradient hook now rather than in the first forward,
+        # which under torch.compile would recompile the graph at the second call (hook registered, or not).
+        self._hook_stored_weight()
 
     def reset_parameters(self) -> None:
         """The nn layer's initialisation, and the threshold back to 0 (as created): after `to_empty()`

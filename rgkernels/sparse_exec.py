@@ -114,17 +114,21 @@ _KINDS: Dict[type, str] = {}  # layer class -> kind ("auto" asks in every call: 
 
 
 def _kind(layer) -> str:
+    if torch.compiler.is_compiling():  # a cache filled while tracing would recompile the graph once
+        return _kind_of(layer)
     kind = _KINDS.get(type(layer))
     if kind is None:
-        from .layers import MaskedConv2d, MaskedConvTranspose2d, MaskedLinear
-
-        kind = "other"
-        for cls, name in ((MaskedLinear, "linear"), (MaskedConv2d, "conv"), (MaskedConvTranspose2d, "conv_transpose")):
-            if isinstance(layer, cls):
-                kind = name
-                break
-        _KINDS[type(layer)] = kind
+        kind = _KINDS[type(layer)] = _kind_of(layer)
     return kind
+
+
+def _kind_of(layer) -> str:
+    from .layers import MaskedConv2d, MaskedConvTranspose2d, MaskedLinear
+
+    for cls, name in ((MaskedLinear, "linear"), (MaskedConv2d, "conv"), (MaskedConvTranspose2d, "conv_transpose")):
+        if isinstance(layer, cls):
+            return name
+    return "other"
 
 
 def _conv_padding(layer) -> Optional[Tuple[int, int]]:
@@ -794,7 +798,7 @@ def forward(layer, x: Tensor, **kw) -> Tensor:
     """A masked layer's sparse-mode output when its execution mode is not "masked_weight": resolves
     the path (the effective weight is computed once: a spectral-norm parametrisation runs one power
     iteration either way) and runs it. `kw`: a transposed conv's `output_size`."""
-    if layer._exec_record is not None:
+    if torch.compiler.is_compiling() or layer._exec_record is not None:  # (no guard on it in a graph)
         layer._exec_record = None
     weight = layer.weight
     if layer._pre_masked is not None or resolve(layer, x, weight, kw.get("output_size")) != "fused":

@@ -57,6 +57,8 @@ class LazyKernels:
         return self.interpreted
 
     def interpreting(self) -> bool:
+        if torch.compiler.is_compiling():  # no guard on `interpreted`, which the first run sets: a recompile
+            return env_interpret()
         return self.interpreted if self.interpreted is not None else env_interpret()
 
 

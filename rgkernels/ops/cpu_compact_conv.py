@@ -222,6 +222,8 @@ def compact_conv(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], counts: Tenso
 
     `counts`: the keep counts of `w_hat`'s rows (CPU). Reading them here is no device sync: this path
     takes CPU tensors only."""
+    if torch.compiler.is_compiling():
+        return None  # a data-dependent shape would break a compiled graph
     # The size first, from shapes alone: most calls of small layers stop here (this runs in every CPU conv
     # forward, so the cheap checks come first).
     transposed = conv[3]
@@ -232,8 +234,8 @@ def compact_conv(x: Tensor, w_hat: Tensor, bias: Optional[Tensor], counts: Tenso
         return None  # an empty batch, or too small to pay even with every row dead
     if x.device.type != "cpu" or w_hat.device.type != "cpu" or counts.device.type != "cpu":
         return None
-    if counts.shape != (cout,) or torch.compiler.is_compiling():
-        return None  # a data-dependent shape would break a compiled graph
+    if counts.shape != (cout,):
+        return None
     if torch.is_autocast_enabled("cpu") or x.dtype != w_hat.dtype or (bias is not None and bias.dtype != w_hat.dtype):
         # autocast's casts inside the node's forward would not be in the graph (its backward would get
         # dy in another dtype than x and W_hat); mismatched dtypes get the plain convolution's own error
