@@ -34,9 +34,24 @@ class RGKernelsWarning(UserWarning):
 
 
 def warn_once(key: str, message: str) -> None:
+    if torch.compiler.is_compiling():
+        # Dynamo cannot put warnings.warn in a graph (fullgraph=True fails on it): issued while tracing,
+        # when the choice it reports is made for the graph, by a callback that dynamo runs then.
+        from torch._dynamo.comptime import comptime
+
+        comptime(_warn_while_tracing)
+        return
+    _warn(key, message, stacklevel=4)
+
+
+def _warn(key: str, message: str, stacklevel: int) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RGKernelsWarning, stacklevel=3)
+        warnings.warn(message, RGKernelsWarning, stacklevel=stacklevel)
+
+
+def _warn_while_tracing(ctx) -> None:  # (no free variables: dynamo reads warn_once's locals)
+    _warn(ctx.get_local("key").as_python_constant(), ctx.get_local("message").as_python_constant(), stacklevel=2)
 
 
 # ---- the compiled extension ------------------------------------------------------------------

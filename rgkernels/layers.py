@@ -87,6 +87,13 @@ def check_mode_flag(flag) -> bool:
     return bool(flag)
 
 
+def flops_sink(device) -> Tensor:
+    """The leaf whose gradient receives a compiled backward's FLOP counts (sparse_exec._FusedFn): in a
+    graph, kernels of the backward cannot add to a counter that a second forward before it also writes
+    (autograd's in-place check on what the backward saved), while gradients simply accumulate."""
+    return torch.zeros(2, dtype=torch.float64, device=device, requires_grad=True)
+
+
 def _moved(t: Tensor, fn) -> Tensor:
     """`t` on the device nn.Module._apply's `fn` moves tensors to, with its own dtype and values (zeros
     from the meta device, which has none: `to_empty()` of a model built there)."""
@@ -106,6 +113,7 @@ class MaskedLayer:
     _last_bits_gemm_rows = None  # (cout, kh, kw, cin) when the bits are a lowered transposed conv's GEMM rows
     _exec_record = None  # live channel counts of the last forward that skipped GEMM work (count_flops)
     _exec_flops = None  # int64 [3] device counter of the FLOPs the fused kernels ran
+    _exec_flops_sink = None  # float64 [2] leaf: compiled backwards' counts arrive as its gradient
     _exec_state = None  # "auto" bookkeeping
     _exec_memo = None  # "auto" decisions per call signature (sparse_exec.auto_choice)
     _chain_src = None  # weakref to the producer layer of a chain (sparse_exec.compact_chains)
@@ -138,6 +146,7 @@ class MaskedLayer:
         # Made here, not by the first fused forward: under torch.compile a counter created inside the
         # graph could not be written by the backward's kernels (see sparse_exec._flops_counter).
         self._exec_flops = torch.zeros(3, dtype=torch.int64, device=w.device)
+        self._exec_flops_sink = flops_sink(w.device)
         # A weight already under spectral norm gets its gradient hook now rather than in the first forward,
         # which under torch.compile would recompile the graph at the second call (hook registered, or not).
         self._hook_stored_weight()
@@ -255,7 +264,9 @@ class MaskedLayer:
             from . import sparse_exec
 
             return sparse_exec.forward(self, input, **kw)
-        if d.get("_exec_record") is not None:
+        if torch.compiler.is_compiling():  # no guard on the record an eager call may leave: a recompile
+            self._exec_record = None
+        elif d.get("_exec_record") is not None:
             d["_exec_record"] = None
         return self._masked_weight_forward(input, **kw)
 
@@ -403,8 +414,19 @@ class MaskedLayer:
         if self._stats_mask is not None:  # keeps regeneration counting across `.to(device)`
             self._stats_mask = _moved(self._stats_mask, fn)
         if self._exec_flops is not None:
+            self._fold_flops_sink()
             self._exec_flops = _moved(self._exec_flops, fn)
+            self._exec_flops_sink = flops_sink(self._exec_flops.device)
         return out
+
+    def _fold_flops_sink(self) -> None:
+        """Adds the input- and weight-gradient FLOPs that compiled backwards left in the sink's gradient
+        (sparse_exec._FusedFn) to the executed-FLOP counter, and empties it."""
+        sink = self._exec_flops_sink
+        if sink is not None and sink.grad is not None and self._exec_flops is not None:
+            with torch.no_grad():
+                self._exec_flops[1:] += sink.grad.round().to(device=self._exec_flops.device, dtype=torch.int64)
+            sink.grad = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -531,8 +553,11 @@ class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
         y, stats, counts, n_live = out
         if self.guard_ratio is not None:  # the collapse guard resets t2 in place (all of it, or nothing)
             reset = t2.view(cout, k)[:, 0]
-            if not torch.equal(reset, threshold):  # written back only then, as the other layers' guard does:
-                with torch.no_grad():  # a write bumps the threshold's version (autograd's in-place check)
+            # Written back only when it fired, as the other layers' guard does: a write bumps the threshold's
+            # version (autograd's in-place check). In a graph (no data-dependent branch there) always: the
+            # functionalised copy bumps nothing that the graph's backward checks.
+            if torch.compiler.is_compiling() or not torch.equal(reset, threshold):
+                with torch.no_grad():
                     threshold.copy_(reset)
         counts = counts.view(cout, k).sum(1, dtype=torch.int32)  # per output channel
         if stats.dtype == torch.uint8:  # bits of the GEMM rows [(co, i, j), ci], unpacked lazily (_mask_rows)

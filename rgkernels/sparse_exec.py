@@ -43,9 +43,10 @@ it. Both layers must run "fused" in the same call of the Sequential (checked per
 transposed convs, and anything else (residual blocks, normalisation, flatten between conv and linear, shared modules called
 outside the Sequential), which simply runs without input-channel skipping.
 
-Executed FLOPs: the fused kernels add what they multiply into a per-layer int64 device counter
-(`executed_flops(module)` reads them, one sync per device; `reset_executed_flops` zeroes them), and each
-fused forward records its live channel counts so that `rgkernels.count_flops` reports as `executed`
+Executed FLOPs: the fused kernels add what they multiply into a per-layer int64 device counter (in a
+compiled graph the backward's kernels count into the gradient of a per-layer sink instead, see
+layers.flops_sink; `executed_flops(module)` folds it in and reads them, one sync per device;
+`reset_executed_flops` zeroes them), and each fused forward records its live channel counts so that `rgkernels.count_flops` reports as `executed`
 what the kernels ran (2 * uses * live output channels * reduced input channels; the weight gradient over
 every output channel). Layers on the "masked_weight" path execute the dense figure, except where the CPU's
 one-node masked linear or compacted convolution ran them (they record the rows they left out of their
@@ -675,7 +676,7 @@ class _FusedFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, threshold, bias, kind, grad_mode_id, guard_ratio, conv, in_fwd, in_dgrad,
-                flops, out_info):
+                flops, out_info, sink=None):
         ops = _ops()
         # [C, K] rows; a transposed conv's rows view has no 2-D form: [C, Ci, KH * KW] (read in place)
         w_rows = weight.flatten(2) if kind == "conv_transpose" else weight.reshape(weight.shape[0], -1)
@@ -691,6 +692,7 @@ class _FusedFn(torch.autograd.Function):
         ctx.kind, ctx.grad_mode_id, ctx.conv = kind, grad_mode_id, conv
         ctx.perm, ctx.nlive, ctx.in_fwd, ctx.in_dgrad, ctx.flops = perm, nlive, in_fwd, in_dgrad, flops
         ctx.has_bias = bias is not None
+        ctx.sink = sink is not None  # then the backward's counts go to the sink's gradient, not to `flops`
         out_info.update(counts=counts, bits=bits, perm=perm, zperm=zperm, nlive=nlive)
         return y
 
@@ -702,26 +704,31 @@ class _FusedFn(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True (R1 & co.): a differentiable composition
             return _differentiable_backward(ctx, x, weight, t, dy, need)
         ops = _ops()
-        dx = gw = gt = db = None
+        dx = gw = gt = db = gsink = None
+        flops = ctx.flops
+        if ctx.sink:
+            flops = torch.zeros(3, dtype=torch.int64, device=dy.device)
         if need[0]:
             ip, inl = ctx.in_dgrad if ctx.in_dgrad is not None else (None, None)
             if ctx.kind == "linear":
-                dx = ops.triton_masked_linear_dgrad(dy, weight, t, ctx.perm, ctx.nlive, ip, inl, ctx.flops)
+                dx = ops.triton_masked_linear_dgrad(dy, weight, t, ctx.perm, ctx.nlive, ip, inl, flops)
             else:
-                dx = ops.triton_masked_conv_dgrad(dy, weight, t, ctx.perm, ctx.nlive, ip, inl, ctx.flops,
+                dx = ops.triton_masked_conv_dgrad(dy, weight, t, ctx.perm, ctx.nlive, ip, inl, flops,
                                                   list(x.shape[2:]), *ctx.conv[:4])
         if need[1] or need[2]:
             ip, inl = ctx.in_fwd if ctx.in_fwd is not None else (None, None)
             if ctx.kind == "linear":
-                gw, gt, _ = ops.triton_masked_linear_wgrad(dy, x, weight, t, ip, inl, ctx.grad_mode_id, ctx.flops)
+                gw, gt, _ = ops.triton_masked_linear_wgrad(dy, x, weight, t, ip, inl, ctx.grad_mode_id, flops)
             else:
-                gw, gt, _ = ops.triton_masked_conv_wgrad(dy, x, weight, t, ip, inl, ctx.grad_mode_id, ctx.flops,
+                gw, gt, _ = ops.triton_masked_conv_wgrad(dy, x, weight, t, ip, inl, ctx.grad_mode_id, flops,
                                                          *ctx.conv[:4])
             gw = gw if need[1] else None
             gt = gt if need[2] else None
         if ctx.has_bias and need[3]:
             db = dy.sum(0) if ctx.kind == "linear" else dy.sum((0, 2, 3))
-        return dx, gw, gt, db, None, None, None, None, None, None, None, None
+        if ctx.sink and ctx.needs_input_grad[12]:
+            gsink = flops[1:].to(torch.float64)
+        return dx, gw, gt, db, None, None, None, None, None, None, None, None, gsink
 
 
 def _differentiable_backward(ctx, x, weight, t, dy, need):
@@ -737,12 +744,13 @@ def _differentiable_backward(ctx, x, weight, t, dy, need):
     db = None
     if ctx.has_bias and need[3]:
         db = dy.sum(0) if ctx.kind == "linear" else dy.sum((0, 2, 3))
-    return (*out, db, None, None, None, None, None, None, None, None)
+    return (*out, db, None, None, None, None, None, None, None, None, None)
 
 
 def _apply_fused(kind, x, weight, threshold, bias, grad_mode, guard_ratio, conv, in_fwd, in_dgrad,
-                 flops, out_info):
-    """Runs the fused path on raw tensors (`weight` in the row layout, see _rows); returns (y, info dict)."""
+                 flops, out_info, sink=None):
+    """Runs the fused path on raw tensors (`weight` in the row layout, see _rows); returns (y, info dict).
+    `sink`: see layers.flops_sink (under torch.compile)."""
     if flops is None:
         flops = torch.zeros(3, dtype=torch.int64, device=x.device)
     info = {} if out_info is None else out_info
@@ -751,12 +759,12 @@ def _apply_fused(kind, x, weight, threshold, bias, grad_mode, guard_ratio, conv,
     if kind == "linear":
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        y = _FusedFn.apply(x2, weight, threshold, bias, kind, gm, g, None, in_fwd, in_dgrad, flops, info)
+        y = _FusedFn.apply(x2, weight, threshold, bias, kind, gm, g, None, in_fwd, in_dgrad, flops, info, sink)
         y = y.reshape(*lead, weight.shape[0])
     else:
         unbatched = x.dim() == 3
         x4 = x.unsqueeze(0) if unbatched else x
-        y = _FusedFn.apply(x4, weight, threshold, bias, kind, gm, g, conv, in_fwd, in_dgrad, flops, info)
+        y = _FusedFn.apply(x4, weight, threshold, bias, kind, gm, g, conv, in_fwd, in_dgrad, flops, info, sink)
         if unbatched:
             y = y.squeeze(0)
     return y, info
@@ -764,7 +772,7 @@ def _apply_fused(kind, x, weight, threshold, bias, grad_mode, guard_ratio, conv,
 
 def _flops_counter(layer, device: torch.device) -> Tensor:
     c = layer._exec_flops
-    if c is None or c.device != device:
+    if c is None or c.device != device or (layer._exec_flops_sink is None and torch.compiler.is_compiling()):
         if torch.compiler.is_compiling():
             return _eager_new_flops_counter()(layer, device)
         return _new_flops_counter(layer, device)
@@ -772,18 +780,21 @@ def _flops_counter(layer, device: torch.device) -> Tensor:
 
 
 def _new_flops_counter(layer, device: torch.device) -> Tensor:
+    from .layers import flops_sink
+
     c = torch.zeros(3, dtype=torch.int64, device=device)
     if layer._exec_flops is not None:
+        layer._fold_flops_sink()
         c += layer._exec_flops.to(device)
     layer._exec_flops = c
+    layer._exec_flops_sink = flops_sink(device)
     return c
 
 
-# Every masked layer gets its counter when it is made (layers.py); this makes one for a layer pickled
-# before that. Under torch.compile it must be made outside the graph: created inside, it would be an
-# intermediate that the backward's kernels write, and AOT autograd's partitioner refuses a forward output
-# written by the backward ("Node ... was invalid, but is output"); made eagerly (one graph break, in the
-# first compiled call), it is a graph input, which the backward may mutate.
+# Every masked layer gets its counter and sink when it is made (layers.py); this makes them for a layer
+# pickled before that. Under torch.compile they must be made outside the graph: a counter created inside
+# would be an intermediate that the kernels write, and a leaf cannot be made in a graph; made eagerly (one
+# graph break, in the first compiled call), they are graph inputs.
 _EAGER_NEW_FLOPS_COUNTER = None
 
 
@@ -792,6 +803,19 @@ def _eager_new_flops_counter():
     if _EAGER_NEW_FLOPS_COUNTER is None:  # built on first use: importing torch._dynamo takes ~2 s
         _EAGER_NEW_FLOPS_COUNTER = torch.compiler.disable(_new_flops_counter, recursive=True)
     return _EAGER_NEW_FLOPS_COUNTER
+
+
+def _backward_sink(layer, x: Tensor, weight: Tensor) -> Optional[Tensor]:
+    """Under torch.compile, where the fused node's backward has gradients to compute: the layer's FLOP
+    sink (layers.flops_sink), which the backward's counts reach as its gradient. Eager backwards add to
+    the counter directly (cheaper: no extra input, no gradient to accumulate)."""
+    if not torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return None
+    bias = layer.bias
+    if not (x.requires_grad or weight.requires_grad or layer.threshold.requires_grad
+            or (bias is not None and bias.requires_grad)):
+        return None
+    return layer._exec_flops_sink
 
 
 def forward(layer, x: Tensor, **kw) -> Tensor:
@@ -814,7 +838,7 @@ def forward(layer, x: Tensor, **kw) -> Tensor:
     conv = None if kind == "linear" else _conv_args(layer, x, kw.get("output_size"))
     flops = _flops_counter(layer, x.device)
     y, info = _apply_fused(kind, x, weight, layer.threshold, layer.bias, layer.grad_mode, layer.guard_ratio, conv,
-                           in_fwd, in_dgrad, flops, None)
+                           in_fwd, in_dgrad, flops, None, _backward_sink(layer, x, weight))
     layer._record_fused(info["counts"], info["bits"], weight.shape)
     cin = weight.shape[1]
     khkw = 1 if kind == "linear" else weight.shape[2] * weight.shape[3]
@@ -950,6 +974,8 @@ def executed_flops(module: nn.Module) -> Dict[str, Dict[str, int]]:
     from .convert import _to_host, masked_layers
 
     layers = [(n, m) for n, m in masked_layers(module) if m._exec_flops is not None]
+    for _, m in layers:
+        m._fold_flops_sink()
     vals = _to_host([m._exec_flops[i] for _, m in layers for i in range(3)])
     return {n: dict(zip(("forward", "input_grad", "weight_grad"), vals[3 * j: 3 * j + 3]))
             for j, (n, _) in enumerate(layers)}
@@ -961,6 +987,8 @@ def reset_executed_flops(module: nn.Module) -> None:
     for _, m in masked_layers(module):
         if m._exec_flops is not None:
             m._exec_flops.zero_()
+        if m._exec_flops_sink is not None:
+            m._exec_flops_sink.grad = None
 
 
 def exec_record(nlive: Tensor, cout: int, cin: int, khkw: int, in_nlive: Optional[Tensor] = None,
