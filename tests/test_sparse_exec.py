@@ -703,7 +703,7 @@ def test_fused_ops_called_directly_in_eager_mode_and_registered_under_a_dispatch
     assert want <= seen.ops, seen.ops
 
 
-def _compiled_matches_eager(model, x, steps=3, fullgraph=True, tol=0.0):
+def _compiled_matches_eager(model, x, steps=3, fullgraph=True, tol=0.0, backend="aot_eager"):
     """`model` compiled (AOT autograd, the graph partitioned into forward and backward) against an eager
     deep copy, over `steps` training steps: outputs, every gradient, the masks of the last forward and the
     executed-FLOP counters (which only the fused kernels advance) all equal. With fullgraph, the graph is
@@ -717,7 +717,7 @@ def _compiled_matches_eager(model, x, steps=3, fullgraph=True, tol=0.0):
     eager = copy.deepcopy(model)
     for m in (model, eager):
         SE.compact_chains(m)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+    compiled = torch.compile(model, backend=backend, fullgraph=fullgraph)
     for _ in range(steps):
         xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
         with warnings.catch_warnings(), torch._dynamo.config.patch(error_on_recompile=fullgraph):
@@ -757,6 +757,19 @@ def test_fused_layer_under_torch_compile(kind):
     layer.zero_grad()
     r = rgkernels.count_flops(layer, x.to(DEV))  # the executed figures of one more forward
     assert r.forward.executed < r.forward.dense  # row 3 skipped
+
+
+@needs_triton
+def test_fused_model_under_inductor():
+    """Inductor generates the code around the fused ops (its own kernels on the GPU, C++ on the CPU): the
+    same numbers as eager mode within rounding (it fuses the elementwise work differently)."""
+    torch.manual_seed(6)
+    model = rgkernels.sparsify(nn.Sequential(nn.Linear(9, 12), nn.LeakyReLU(0.2), nn.Linear(12, 5), nn.Tanh()))
+    for _, m in rgkernels.masked_layers(model):
+        _prune(m, dead=[1], hi=0.1)
+    model = SE.set_execution(model.to(DEV), "fused")
+    flops = _compiled_matches_eager(model, torch.randn(6, 9, device=DEV), steps=2, tol=1e-5, backend="inductor")
+    assert min(f["forward"] for f in flops.values()) > 0, flops
 
 
 @needs_triton
