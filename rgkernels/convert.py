@@ -37,7 +37,9 @@ def _masked_class_for(m: nn.Module):
         masked = MASKED_CLASSES.get(cls.__bases__[0])
         if masked is None:
             return None
-        body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        # (Not its injected __deepcopy__, which copies __dict__ as it is: the masked layer's own leaves the
+        # per-process state out.)
+        body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__", "__deepcopy__")}
         return type(f"Parametrized{masked.__name__}", (masked,), body)
     return MASKED_CLASSES.get(cls)
 

@@ -25,6 +25,7 @@ next forward: one weight-sized tensor per layer).
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Optional
 
@@ -87,6 +88,11 @@ def check_mode_flag(flag) -> bool:
     return bool(flag)
 
 
+def _rehook_after_load(module, incompatible_keys) -> None:  # module-level: a layer with it still pickles
+    if torch.__future__.get_swap_module_params_on_conversion():  # load_state_dict swapped the tensors
+        module._rehook_after_swap()
+
+
 def flops_sink(device) -> Tensor:
     """The leaf whose gradient receives a compiled backward's FLOP counts (sparse_exec._FusedFn): in a
     graph, kernels of the backward cannot add to a counter that a second forward before it also writes
@@ -144,9 +150,10 @@ class MaskedLayer:
         for name in _TRANSIENT:
             object.__setattr__(self, name, None)
         # Made here, not by the first fused forward: under torch.compile a counter created inside the
-        # graph could not be written by the backward's kernels (see sparse_exec._flops_counter).
+        # graph could not be written by the backward's kernels (see sparse_exec._EAGER_NEW_FLOPS_COUNTER).
         self._exec_flops = torch.zeros(3, dtype=torch.int64, device=w.device)
         self._exec_flops_sink = flops_sink(w.device)
+        self.register_load_state_dict_post_hook(_rehook_after_load)
         # A weight already under spectral norm gets its gradient hook now rather than in the first forward,
         # which under torch.compile would recompile the graph at the second call (hook registered, or not).
         self._hook_stored_weight()
@@ -206,21 +213,35 @@ class MaskedLayer:
         if not self._is_reparametrised():
             return  # the op already multiplies the weight gradient by M
         p = self._stored_weight()
-        if self._grad_hooked is not None and self._grad_hooked() is p:
+        if self._grad_hooked is p or not p.requires_grad:  # (a frozen weight gets no gradient, nor a hook)
             return
-        layer_ref, p_ref = weakref.ref(self), weakref.ref(p)
+        # No weak reference to `p`: torch.utils.swap_tensors (`.to()` / load_state_dict with
+        # torch.__future__.set_swap_module_params_on_conversion(True)) refuses tensors that have one.
+        # The cycle p -> its hook -> p is garbage-collected like any other.
+        layer_ref = weakref.ref(self)
 
         def mask_grad(g: Tensor) -> Tensor:
             layer = layer_ref()
             # Inert on a parameter that is no longer this layer's stored weight (e.g. a deep copy).
-            if layer is None or not layer.sparse or layer._stored_weight() is not p_ref():
+            if layer is None or not layer.sparse or layer._stored_weight() is not p:
                 return g
             m = layer.mask()
             return g if m is None else g.masked_fill(~m, 0)
 
         p.register_hook(mask_grad)
-        # Not through nn.Module.__setattr__: torch.compile 2.11 cannot trace its isinstance checks on a weakref.
-        object.__setattr__(self, "_grad_hooked", p_ref)
+        # In __dict__, not through nn.Module.__setattr__ (which would register it as a parameter).
+        object.__setattr__(self, "_grad_hooked", p)
+
+    def _rehook_after_swap(self) -> None:
+        """torch.utils.swap_tensors (`.to()` / load_state_dict under torch's swap-on-conversion switch) leaves
+        a tensor's gradient hooks dead, and keeps the Python dict of them, which stops register_hook from
+        binding a new one: the dict goes (every hook in it is dead) and the stored weight is hooked anew."""
+        p = self._grad_hooked
+        if p is None:
+            return
+        p._backward_hooks = None
+        object.__setattr__(self, "_grad_hooked", None)
+        self._hook_stored_weight()
 
     # ---- the masked weight -------------------------------------------------------------------------
 
@@ -417,15 +438,18 @@ class MaskedLayer:
             self._fold_flops_sink()
             self._exec_flops = _moved(self._exec_flops, fn)
             self._exec_flops_sink = flops_sink(self._exec_flops.device)
+        if torch.__future__.get_swap_module_params_on_conversion():
+            self._rehook_after_swap()
         return out
 
     def _fold_flops_sink(self) -> None:
         """Adds the input- and weight-gradient FLOPs that compiled backwards left in the sink's gradient
         (sparse_exec._FusedFn) to the executed-FLOP counter, and empties it."""
         sink = self._exec_flops_sink
-        if sink is not None and sink.grad is not None and self._exec_flops is not None:
+        counter = self._exec_flops
+        if sink is not None and sink.grad is not None and counter is not None and not counter.is_meta:
             with torch.no_grad():
-                self._exec_flops[1:] += sink.grad.round().to(device=self._exec_flops.device, dtype=torch.int64)
+                counter[1:] += sink.grad.round().to(device=counter.device, dtype=torch.int64)
             sink.grad = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -442,10 +466,22 @@ class MaskedLayer:
                 self.threshold.zero_()
 
     def __getstate__(self):
+        self._fold_flops_sink()  # pickling drops a tensor's .grad: the counts waiting there go to the counter
         state = super().__getstate__()
         for name in _TRANSIENT:
             state[name] = None
         return state
+
+    def __deepcopy__(self, memo):
+        """A copy without the per-process state, as pickling makes. Defined here because a parametrised
+        layer's injected class (torch.nn.utils.parametrize) would otherwise copy __dict__ as it is: its
+        copy would take the original's hooked-weight record (and CUDA events, weak references) along."""
+        replica = self.__new__(type(self))
+        memo[id(self)] = replica
+        # MaskedLayer's __getstate__ by name: a parametrised class's own refuses (pickling is not supported)
+        replica.__dict__ = copy.deepcopy(MaskedLayer.__getstate__(self), memo)
+        replica._hook_stored_weight()  # its own hook, on its own stored weight, as sparsify gives
+        return replica
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sparse={self.sparse}"

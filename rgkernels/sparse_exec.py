@@ -46,7 +46,8 @@ outside the Sequential), which simply runs without input-channel skipping.
 Executed FLOPs: the fused kernels add what they multiply into a per-layer int64 device counter (in a
 compiled graph the backward's kernels count into the gradient of a per-layer sink instead, see
 layers.flops_sink; `executed_flops(module)` folds it in and reads them, one sync per device;
-`reset_executed_flops` zeroes them), and each fused forward records its live channel counts so that `rgkernels.count_flops` reports as `executed`
+`reset_executed_flops` zeroes them; the sink's float64 gradient is exact up to 2^53 between reads), and
+each fused forward records its live channel counts so that `rgkernels.count_flops` reports as `executed`
 what the kernels ran (2 * uses * live output channels * reduced input channels; the weight gradient over
 every output channel). Layers on the "masked_weight" path execute the dense figure, except where the CPU's
 one-node masked linear or compacted convolution ran them (they record the rows they left out of their
@@ -783,8 +784,8 @@ def _new_flops_counter(layer, device: torch.device) -> Tensor:
     from .layers import flops_sink
 
     c = torch.zeros(3, dtype=torch.int64, device=device)
-    if layer._exec_flops is not None:
-        layer._fold_flops_sink()
+    if layer._exec_flops is not None and not layer._exec_flops.is_meta:  # (meta: a model built there, its
+        layer._fold_flops_sink()                                         # weights assigned, never moved)
         c += layer._exec_flops.to(device)
     layer._exec_flops = c
     layer._exec_flops_sink = flops_sink(device)
@@ -973,7 +974,7 @@ def executed_flops(module: nn.Module) -> Dict[str, Dict[str, int]]:
     the last reset (one host sync per device for the whole model)."""
     from .convert import _to_host, masked_layers
 
-    layers = [(n, m) for n, m in masked_layers(module) if m._exec_flops is not None]
+    layers = [(n, m) for n, m in masked_layers(module) if m._exec_flops is not None and not m._exec_flops.is_meta]
     for _, m in layers:
         m._fold_flops_sink()
     vals = _to_host([m._exec_flops[i] for _, m in layers for i in range(3)])

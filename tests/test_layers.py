@@ -384,3 +384,66 @@ def test_regulariser_before_the_forward_backpropagates(backend):
     with rgkernels.use_backend(backend):
         m(x).sum().backward()
     torch.testing.assert_close(g - m.threshold.grad, torch.full((8,), -0.1 * math.exp(-0.01)))
+
+
+_SN_FORMS = {"parametrization": nn.utils.parametrizations.spectral_norm, "hook": nn.utils.spectral_norm}
+
+
+@pytest.mark.parametrize("form", list(_SN_FORMS))
+def test_spectral_norm_layer_swaps_its_tensors(form):
+    """With torch's swap-on-conversion switch, `.double()` and load_state_dict swap the parameters'
+    tensors in place (torch.utils.swap_tensors), which refuses a tensor that has a weak reference: the
+    gradient hook of the stored weight, registered by sparsify, must not hold one."""
+    src = rgkernels.sparsify(_SN_FORMS[form](nn.Linear(4, 6)))
+    old = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        m = rgkernels.sparsify(_SN_FORMS[form](nn.Linear(4, 6)))
+        m.load_state_dict(src.state_dict())
+        m.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(old)
+    with torch.no_grad():
+        m.threshold.fill_(0.2)
+    m(torch.randn(3, 4, dtype=torch.float64)).sum().backward()  # the hook still masks the stored weight
+    stored = m._stored_weight()
+    mask = m.mask()
+    assert stored.dtype == torch.float64 and (~mask).any() and (stored.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("form", list(_SN_FORMS))
+def test_frozen_spectral_norm_weight(form):
+    """A stored weight that does not require grad (a frozen layer) takes no gradient hook, in sparsify or
+    in a forward; unfrozen, it gets one at its next forward."""
+    base = _SN_FORMS[form](nn.Linear(4, 6))
+    base.requires_grad_(False)
+    m = rgkernels.sparsify(base)
+    with torch.no_grad():
+        m.threshold.fill_(0.2)
+    m(torch.randn(3, 4))
+    assert m._grad_hooked is None
+    m.requires_grad_(True)
+    m(torch.randn(3, 4)).sum().backward()
+    mask = m.mask()
+    assert m._grad_hooked is m._stored_weight() and (m._stored_weight().grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("form", list(_SN_FORMS))
+def test_deep_copy_of_a_spectral_norm_layer_hooks_its_own_weight(form):
+    """A deep copy (G_ema, a snapshot) masks its own stored weight's gradient with its own mask, whatever
+    the original's; the per-process state (hooked-weight record, "auto" memo) is not copied, also for the
+    class that torch's parametrize injects."""
+    m = rgkernels.sparsify(_SN_FORMS[form](nn.Linear(6, 5)))
+    with torch.no_grad():
+        m.threshold.fill_(0.15)
+    m._exec_memo = {"a": 1}
+    c = copy.deepcopy(m)  # (before a forward: the hook form's computed weight refuses deepcopy after one)
+    assert c._exec_memo is None and c._grad_hooked is c._stored_weight() is not m._stored_weight()
+    with torch.no_grad():
+        c.threshold.fill_(0.3)  # another mask
+    for layer in (m, c):
+        layer(torch.randn(3, 6)).sum().backward()
+    assert not torch.equal(m.mask(), c.mask())
+    for layer in (m, c):
+        mask, g = layer.mask(), layer._stored_weight().grad
+        assert (g[~mask] == 0).all() and (g[mask] != 0).all()

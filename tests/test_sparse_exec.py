@@ -913,6 +913,35 @@ def test_eager_calls_between_compiled_steps_do_not_recompile():
             compiled(torch.randn(4, 6)).sum().backward()
 
 
+@needs_triton
+def test_meta_built_model_with_assigned_weights():
+    """A model built on meta whose weights come with load_state_dict(assign=True) keeps meta counters (only
+    `_apply` moves them): executed_flops leaves them out, and the first fused forward starts from zero."""
+    src = rgkernels.sparsify(nn.Linear(4, 6)).to(DEV)
+    with torch.device("meta"):
+        layer = rgkernels.sparsify(nn.Linear(4, 6))
+    layer.load_state_dict(src.state_dict(), assign=True)
+    assert layer._exec_flops.is_meta and SE.executed_flops(layer) == {}
+    SE.set_execution(layer, "fused")
+    layer(torch.randn(3, 4, device=DEV)).sum().backward()
+    assert SE.executed_flops(layer)[""] == {"forward": 2 * 3 * 4 * 6, "input_grad": 0, "weight_grad": 2 * 3 * 4 * 6}
+
+
+@needs_triton
+def test_pickling_folds_the_compiled_backward_counts():
+    """Pickling drops a tensor's .grad: counts still in the sink's gradient go to the counter first."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    layer = SE.set_execution(rgkernels.MaskedLinear(5, 2).to(DEV), "fused")
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    compiled(torch.randn(1, 5, device=DEV, requires_grad=True)).sum().backward()
+    assert layer._exec_flops_sink.grad is not None
+    want = {"forward": 20, "input_grad": 20, "weight_grad": 20}
+    assert SE.executed_flops(pickle.loads(pickle.dumps(layer)))[""] == want
+    assert SE.executed_flops(layer)[""] == want  # (pickling folded the original's too: nothing counted twice)
+
+
 def test_flop_counter_made_with_the_layer_and_moved_from_meta():
     """Every masked layer has its int64 counter from construction; a model built on the meta device gets
     zeroed counters from to_empty(), and .double() leaves them int64."""
