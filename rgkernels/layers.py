@@ -151,8 +151,7 @@ class MaskedLayer:
             object.__setattr__(self, name, None)
         # Made here, not by the first fused forward: under torch.compile a counter created inside the
         # graph could not be written by the backward's kernels (see sparse_exec._EAGER_NEW_FLOPS_COUNTER).
-        self._exec_flops = torch.zeros(3, dtype=torch.int64, device=w.device)
-        self._exec_flops_sink = flops_sink(w.device)
+        self._place_exec_flops(w.device)
         self.register_load_state_dict_post_hook(_rehook_after_load)
         # A weight already under spectral norm gets its gradient hook now rather than in the first forward,
         # which under torch.compile would recompile the graph at the second call (hook registered, or not).
@@ -435,12 +434,22 @@ class MaskedLayer:
         if self._stats_mask is not None:  # keeps regeneration counting across `.to(device)`
             self._stats_mask = _moved(self._stats_mask, fn)
         if self._exec_flops is not None:
-            self._fold_flops_sink()
-            self._exec_flops = _moved(self._exec_flops, fn)
-            self._exec_flops_sink = flops_sink(self._exec_flops.device)
+            self._place_exec_flops(fn(self._exec_flops.new_empty(0)).device)
         if torch.__future__.get_swap_module_params_on_conversion():
             self._rehook_after_swap()
         return out
+
+    def _place_exec_flops(self, device) -> Tensor:
+        """The executed-FLOP counter on `device`, with its counts (the sink's included; none from the meta
+        device, which holds no values), and a fresh sink (flops_sink) beside it. Returns the counter."""
+        old = self._exec_flops
+        counter = torch.zeros(3, dtype=torch.int64, device=device)
+        if old is not None and not old.is_meta:
+            self._fold_flops_sink()
+            counter += old.to(device)
+        self._exec_flops = counter
+        self._exec_flops_sink = flops_sink(device)
+        return counter
 
     def _fold_flops_sink(self) -> None:
         """Adds the input- and weight-gradient FLOPs that compiled backwards left in the sink's gradient

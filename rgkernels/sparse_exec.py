@@ -436,8 +436,7 @@ def _device_label(device: torch.device) -> str:
     return label
 
 
-def _decision_key(layer, x: Tensor, w: Tensor, kind: str, bucket: int, output_size=None,
-                  device_label: Optional[str] = None) -> str:
+def _decision_key(layer, x: Tensor, w: Tensor, kind: str, bucket: int, output_size=None) -> str:
     geom = ""
     if kind != "linear":
         geom = f"|s{tuple(layer.stride)}p{_conv_padding(layer)}d{tuple(layer.dilation)}"
@@ -445,7 +444,7 @@ def _decision_key(layer, x: Tensor, w: Tensor, kind: str, bucket: int, output_si
         geom += f"op{tuple(_conv_args(layer, x, output_size)[4])}"
     grads = (torch.is_grad_enabled() and x.requires_grad, torch.is_grad_enabled()
              and (w.requires_grad or layer.threshold.requires_grad))
-    dev = device_label or _device_label(x.device)
+    dev = _device_label(x.device)
     return (f"{kind}|w{tuple(w.shape)}|x{tuple(x.shape)}{geom}|{str(w.dtype).replace('torch.', '')}|{dev}"
             f"|bias{int(layer.bias is not None)}|grad{int(grads[0])}{int(grads[1])}|dead{bucket}/8")
 
@@ -559,11 +558,10 @@ def _traced_choice(layer, x: Tensor, weight: Tensor, kind: str, output_size=None
     also counted its dead rows), read without timing, host syncs or events, none of which a graph can
     hold; "masked_weight" where none was made. (Dynamo guards on what it read: a decision made later
     recompiles the graph that used the stand-in.)"""
-    st = layer.__dict__.get("_exec_state")
-    label = _DEVICE_LABELS.get(x.device)
-    if st is None or label is None or not fused_support(layer, x, weight)[0]:
+    st = layer.__dict__.get("_exec_state")  # (an eager call also named the device: _device_label, no query)
+    if st is None or x.device not in _DEVICE_LABELS or not fused_support(layer, x, weight)[0]:
         return "masked_weight"
-    return _DECISIONS.get(_decision_key(layer, x, weight, kind, st["bucket"], output_size, label), "masked_weight")
+    return _DECISIONS.get(_decision_key(layer, x, weight, kind, st["bucket"], output_size), "masked_weight")
 
 
 def _auto_decision(layer, x: Tensor, weight: Tensor, kind: str, output_size=None,
@@ -622,8 +620,9 @@ def _ops():
     torch.compile, under a dispatch mode (FlopCounterMode, fake tensors, ...: they must see the ops) and
     under a torch-function mode. A custom op's dispatch costs 12-26 us of Python per call on this
     project's CPU machine (more with more arguments), four per training step of a layer, and a small
-    layer's GPU step is bound by the host's time. (The registered mask-statistics op also bumps the threshold's version in every
-    call, for its declared mutation; the direct call leaves it, as the compiled masked-weight ops do.)"""
+    layer's GPU step is bound by the host's time. (The registered mask-statistics op also bumps the
+    threshold's version in every call, for its declared mutation; the direct call leaves it, as the
+    compiled masked-weight ops do.)"""
     global _DIRECT
     if (not DIRECT_CALLS or torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None
             or torch._C._is_torch_function_mode_enabled()):
@@ -776,33 +775,24 @@ def _flops_counter(layer, device: torch.device) -> Tensor:
     if c is None or c.device != device or (layer._exec_flops_sink is None and torch.compiler.is_compiling()):
         if torch.compiler.is_compiling():
             return _eager_new_flops_counter()(layer, device)
-        return _new_flops_counter(layer, device)
-    return c
-
-
-def _new_flops_counter(layer, device: torch.device) -> Tensor:
-    from .layers import flops_sink
-
-    c = torch.zeros(3, dtype=torch.int64, device=device)
-    if layer._exec_flops is not None and not layer._exec_flops.is_meta:  # (meta: a model built there, its
-        layer._fold_flops_sink()                                         # weights assigned, never moved)
-        c += layer._exec_flops.to(device)
-    layer._exec_flops = c
-    layer._exec_flops_sink = flops_sink(device)
+        return layer._place_exec_flops(device)
     return c
 
 
 # Every masked layer gets its counter and sink when it is made (layers.py); this makes them for a layer
-# pickled before that. Under torch.compile they must be made outside the graph: a counter created inside
-# would be an intermediate that the kernels write, and a leaf cannot be made in a graph; made eagerly (one
-# graph break, in the first compiled call), they are graph inputs.
+# pickled before that, or one whose counter is on another device (a meta-built model whose weights were
+# assigned: the meta counter holds no counts). Under torch.compile they must be made outside the graph:
+# a counter created inside would be an intermediate that the kernels write, and a leaf cannot be made in
+# a graph; made eagerly (one graph break, in the first compiled call), they are graph inputs.
 _EAGER_NEW_FLOPS_COUNTER = None
 
 
 def _eager_new_flops_counter():
     global _EAGER_NEW_FLOPS_COUNTER
     if _EAGER_NEW_FLOPS_COUNTER is None:  # built on first use: importing torch._dynamo takes ~2 s
-        _EAGER_NEW_FLOPS_COUNTER = torch.compiler.disable(_new_flops_counter, recursive=True)
+        from .layers import MaskedLayer
+
+        _EAGER_NEW_FLOPS_COUNTER = torch.compiler.disable(MaskedLayer._place_exec_flops, recursive=True)
     return _EAGER_NEW_FLOPS_COUNTER
 
 

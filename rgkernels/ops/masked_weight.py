@@ -106,8 +106,8 @@ class _MaskedWeightFn(torch.autograd.Function):
         # Not saved with save_for_backward: the reference and Triton ops (torch.library custom ops that
         # declare the mutation) bump the threshold's version in every call, and a layer used twice
         # before one backward (D(real), D(fake)) would fail autograd's check; the compiled ops never
-        # bump it. The only real write is the collapse guard, which
-        # fires in the first call of a step and leaves t = 0 for the next ones: the value the
+        # bump it. The only real write is the collapse guard, which fires in the first call of a step
+        # and leaves t = 0 for the next ones: the value the
         # backward reads is the one the forward used, unless the caller changes the threshold between
         # a forward and its backward (which autograd cannot report here; README, "converting your own
         # model").
