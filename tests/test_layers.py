@@ -154,7 +154,7 @@ def _strided_input(shape, layout, dtype):
 @pytest.mark.parametrize("transposed", [False, True])
 def test_conv_sparse_any_dtype_and_input_strides(transposed, dtype, layout):
     """The default sparse path of both conv layers in low precision and on non-contiguous inputs,
-    against the reference composition on a contiguous copy: the same masked weight (exact), outputs
+    against the reference composition on a copy of the input: the same masked weight (exact), outputs
     and every gradient within the dtype's tolerance."""
     kw = dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1)
     m = (rgkernels.MaskedConvTranspose2d if transposed else rgkernels.MaskedConv2d)(**kw).to(dtype)
@@ -166,7 +166,10 @@ def test_conv_sparse_any_dtype_and_input_strides(transposed, dtype, layout):
     w = m.weight.detach().clone().requires_grad_()
     t = m.threshold.detach().clone().requires_grad_()
     b = m.bias.detach().clone().requires_grad_()
-    xr = x.detach().contiguous().requires_grad_()
+    # The reference runs on the same layout (a dense copy: a channels_last clone stays channels_last):
+    # oneDNN's half-precision kernels for the two layouts round differently on some CPUs (AMD EPYC:
+    # 2 ulp in the input gradient), which is not what this test is about.
+    xr = x.detach().clone().requires_grad_()
     rows = (lambda v: v.transpose(0, 1)) if transposed else (lambda v: v)
     w_hat = rows(rgkernels.masked_weight(rows(w), t, m.grad_mode, backend="reference"))
     y_ref = fn(xr, w_hat, b, stride=2, padding=1)
