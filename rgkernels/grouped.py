@@ -39,14 +39,13 @@ def grouped_masks(module: nn.Module) -> Iterator[nn.Module]:
                                    f"grouped_masks (its masked weight is computed by the grouped launch); "
                                    f"running masked_weight + the ATen GEMM")
             m._hook_stored_weight()
-            w = m._to_rows(m.weight)
-            groups.setdefault((w.device, m.grad_mode, m.guard_ratio), []).append((m, w))
+            rows, thresholds = m._mask_operands(m.weight)
+            groups.setdefault((rows.device, m.grad_mode, m.guard_ratio), []).append((m, rows, thresholds))
         for (_, grad_mode, guard_ratio), items in groups.items():
-            outs, counts = masked_weight_grouped([w for _, w in items], [m.threshold for m, _ in items],
+            outs, counts = masked_weight_grouped([r for _, r, _ in items], [t for _, _, t in items],
                                                  grad_mode, guard_ratio=guard_ratio)
-            for (m, _), w_hat, c in zip(items, outs, counts):
-                m._record(w_hat, c)
-                m._pre_masked = w_hat
+            for (m, _, thresholds), w_hat, c in zip(items, outs, counts):
+                m._pre_masked = m._mask_result(w_hat, c, thresholds)  # in the weight's layout
         yield module
     finally:
         for m in layers:

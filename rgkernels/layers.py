@@ -41,7 +41,6 @@ from .sparse_exec import default_execution
 
 # Per-forward caches: dropped on device/dtype moves and on pickling/deepcopy, rebuilt by the next forward.
 _PER_FORWARD = ("last_counts", "_last_masked", "_mask_cache", "_pre_masked", "_last_bits", "_last_rows_shape",
-                "_last_bits_gemm_rows",
                 "_exec_record", "_chain_out")
 # Also dropped on pickling/deepcopy: the copy's parameters are new objects without our gradient hook,
 # and the regeneration snapshot of rgkernels.layer_stats belongs to the original.
@@ -116,7 +115,6 @@ class MaskedLayer:
     # before these existed still load.
     _last_bits = None  # uint8 [C_out, ceil(K/8)]: bit-packed mask of the last fused forward
     _last_rows_shape = None  # the [C_out, ...] shape that mask belongs to
-    _last_bits_gemm_rows = None  # (cout, kh, kw, cin) when the bits are a lowered transposed conv's GEMM rows
     _exec_record = None  # live channel counts of the last forward that skipped GEMM work (count_flops)
     _exec_flops = None  # int64 [3] device counter of the FLOPs the fused kernels ran
     _exec_flops_sink = None  # float64 [2] leaf: compiled backwards' counts arrive as its gradient
@@ -249,12 +247,23 @@ class MaskedLayer:
         records counts and the masked weight for statistics."""
         pre = self._pre_masked  # set by rgkernels.grouped_masks (one launch for all layers)
         if pre is not None:
-            return self._from_rows(pre)
+            return pre
         self._hook_stored_weight()
         if weight is None:
             weight = self.weight
-        w_hat, counts = masked_weight(self._to_rows(weight), self.threshold, self.grad_mode,
-                                      guard_ratio=self.guard_ratio, return_counts=True)
+        rows, thresholds = self._mask_operands(weight)
+        w_hat, counts = masked_weight(rows, thresholds, self.grad_mode, guard_ratio=self.guard_ratio,
+                                      return_counts=True)
+        return self._mask_result(w_hat, counts, thresholds)
+
+    def _mask_operands(self, weight: Tensor):
+        """(rows, thresholds): what masked_weight (or the grouped launch) runs on for this layer, one
+        threshold per row. Here the [C_out, ...] mask rows and the layer's threshold."""
+        return self._to_rows(weight), self._parameters["threshold"]
+
+    def _mask_result(self, w_hat: Tensor, counts: Tensor, thresholds: Tensor) -> Tensor:
+        """masked_weight's result on `_mask_operands`' rows -> W * M in the weight's layout; records the
+        per-channel keep counts and the masked weight for statistics."""
         self._record(w_hat, counts)
         return self._from_rows(w_hat)
 
@@ -266,15 +275,12 @@ class MaskedLayer:
         d["last_counts"] = counts
         d["_mask_cache"] = d["_last_bits"] = None
 
-    def _record_fused(self, counts: Tensor, bits: Tensor, rows_shape, gemm_rows=None) -> None:
-        """What a fused forward leaves instead of the masked weight: counts and the bit-packed mask.
-        `gemm_rows` (cout, kh, kw, cin): the bits are rows [(co, i, j), ci] of a transposed conv lowered
-        to a GEMM, not the [C_out, C_in * kh * kw] mask rows."""
+    def _record_fused(self, counts: Tensor, bits: Tensor, rows_shape) -> None:
+        """What a fused forward leaves instead of the masked weight: counts and the bit-packed mask."""
         d = self.__dict__
         d["last_counts"] = counts
         d["_last_bits"] = bits
         d["_last_rows_shape"] = tuple(rows_shape)
-        d["_last_bits_gemm_rows"] = gemm_rows
         d["_last_masked"] = d["_mask_cache"] = None
 
     def _sparse_forward(self, input: Tensor, **kw) -> Tensor:
@@ -389,10 +395,6 @@ class MaskedLayer:
         if self._last_bits is not None:
             from .ops.triton_mask_stats import unpack_bits
 
-            lowered = self._last_bits_gemm_rows
-            if lowered is not None:
-                cout, kh, kw, cin = lowered
-                return unpack_bits(self._last_bits, cin).view(cout, kh, kw, cin).permute(0, 3, 1, 2).reshape(cout, -1)
             shape = self._last_rows_shape
             k = 1
             for s in shape[1:]:
@@ -574,43 +576,70 @@ class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
             raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
         return self._sparse_forward(input, output_size=output_size)
 
-    def _cpu_linear_forward(self, input: Tensor, weight: Tensor, output_size=None) -> Optional[Tensor]:
-        """A transposed conv of a 1x1 map with stride 1, no padding, dilation 1 and groups 1 (FastGAN's
-        first layer: noise -> 4x4) is a linear layer, y[n, (co, i, j)] = sum_ci x[n, ci] W[ci, co, i, j],
-        run by the CPU masked-linear node. Its GEMM rows (co, i, j) all belong to mask row co: the
-        threshold (and bias) enter repeated kh * kw times, and autograd sums their gradients back."""
-        if (self.groups != 1 or input.dim() != 4 or input.shape[2] != 1 or input.shape[3] != 1
-                or tuple(self.stride) != (1, 1) or tuple(self.padding) != (0, 0) or tuple(self.dilation) != (1, 1)):
-            return None
-        if output_size is not None:  # validates it as nn.ConvTranspose2d does (here it can only mean 0)
-            self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
-        cin, cout, kh, kw = weight.shape
-        if input.shape[1] != cin:
-            return None  # the generic path raises nn.ConvTranspose2d's own message
-        k = kh * kw
-        params = self._parameters
-        threshold, bias = params["threshold"], self._bias()
-        t2 = threshold.repeat_interleave(k)
-        out = self._cpu_linear(input.reshape(input.shape[0], cin), weight.reshape(cin, cout * k).t(), t2,
-                               None if bias is None else bias.repeat_interleave(k))
-        if out is None:
-            return None
-        y, stats, counts, n_live = out
-        if self.guard_ratio is not None:  # the collapse guard resets t2 in place (all of it, or nothing)
-            reset = t2.view(cout, k)[:, 0]
-            # Written back only when it fired, as the other layers' guard does: a write bumps the threshold's
+    # On the CPU the mask is computed in the weight's own layout. The mask rows [C_out, C_in/g, kh, kw] are
+    # a regrouped view whose rows are C_in/g pieces of kh * kw contiguous entries, C_out/g * kh * kw apart:
+    # the row kernels would stride across the whole weight for every row (a TLB miss per piece; FastGAN's
+    # first layer, 33 MB, took 1.5x a dense step on an AMD EPYC), or copy it into rows first and copy
+    # the gradient back. The stored layout is itself a stack of rows: [C_in * C_out/g, kh * kw], row
+    # (ci, j) belonging to output channel (ci's group) * C_out/g + j. masked_weight runs on those rows with
+    # the threshold repeated per input channel (autograd sums its gradient back: §2's sum over the row,
+    # in another order); the keep counts are summed per output channel, and the collapse guard, which
+    # looks at the whole layer's keep ratio either way, resets the repeated thresholds and is written
+    # back. (On a GPU the kernels keep the mask rows: their blocks take a row or more each.)
+
+    def _stacked(self, weight: Tensor) -> bool:
+        # (not under the forced reference backend: that stays the plain composition the fast paths are
+        # compared with)
+        return weight.device.type == "cpu" and weight.numel() > 0 and not _backend.reference_forced()
+
+    def _mask_operands(self, weight: Tensor):
+        if not self._stacked(weight):
+            return super()._mask_operands(weight)
+        cin, coutg, g = weight.shape[0], weight.shape[1], self.groups
+        threshold = self._parameters["threshold"]
+        repeated = threshold.view(g, 1, coutg).expand(g, cin // g, coutg).reshape(-1)
+        return weight.reshape(cin * coutg, -1), repeated
+
+    def _mask_result(self, w_hat: Tensor, counts: Tensor, thresholds: Tensor) -> Tensor:
+        threshold = self._parameters["threshold"]
+        if thresholds is threshold:  # the mask rows (not stacked)
+            return super()._mask_result(w_hat, counts, thresholds)
+        g, coutg = self.groups, threshold.shape[0] // self.groups
+        shape = (self.in_channels, coutg, *self.kernel_size)
+        if self.guard_ratio is not None:
+            reset = thresholds.view(g, -1, coutg)[:, 0].reshape(-1)  # all of it reset, or nothing
+            # Written back only when the guard fired, as on the other paths: a write bumps the threshold's
             # version (autograd's in-place check). In a graph (no data-dependent branch there) always: the
             # functionalised copy bumps nothing that the graph's backward checks.
             if torch.compiler.is_compiling() or not torch.equal(reset, threshold):
                 with torch.no_grad():
                     threshold.copy_(reset)
-        counts = counts.view(cout, k).sum(1, dtype=torch.int32)  # per output channel
-        if stats.dtype == torch.uint8:  # bits of the GEMM rows [(co, i, j), ci], unpacked lazily (_mask_rows)
-            self._record_fused(counts, stats, (cout, cin, kh, kw), gemm_rows=(cout, kh, kw, cin))
-        else:  # W_hat [(co, i, j), ci] -> the [C_out, C_in, kh, kw] row layout (a view)
-            self._record(stats.view(cout, kh, kw, cin).permute(0, 3, 1, 2), counts)
-        if n_live is not None:
-            self._record_live(n_live, cout * k, cin, 1)
+        w_hat = w_hat.view(shape)
+        self._record(self._to_rows(w_hat), counts.view(g, -1, coutg).sum(1, dtype=torch.int32).view(-1))
+        return w_hat
+
+    def _cpu_compact_forward(self, input: Tensor, w_hat: Tensor, output_size=None) -> Optional[Tensor]:
+        """A transposed conv of a 1x1 map (stride 1, no padding, dilation 1, groups 1: FastGAN's first
+        layer, noise -> 4x4) is one GEMM, y[n, (co, i, j)] = sum_ci x[n, ci] W_hat[ci, (co, i, j)], on W_hat
+        as it lies: ATen's transposed convolution takes several times longer for it on the CPU (oneDNN
+        reorders the weight). Every output channel is computed: a pruned one's columns of W_hat are zero,
+        and skipping them would cost a gather of the live columns, a pass over W_hat, where the GEMM (a
+        batch of noise vectors) costs less than that pass. Other transposed convs: the base class."""
+        if _backend.reference_forced():
+            return None
+        if (self.groups != 1 or input.dim() != 4 or input.shape[2] != 1 or input.shape[3] != 1
+                or tuple(self.stride) != (1, 1) or tuple(self.padding) != (0, 0) or tuple(self.dilation) != (1, 1)
+                or input.shape[1] != w_hat.shape[0] or input.dtype != w_hat.dtype):
+            # (a wrong input gets F.conv_transpose2d's own error from the generic path)
+            return super()._cpu_compact_forward(input, w_hat, output_size=output_size)
+        if output_size is not None:  # validates it as nn.ConvTranspose2d does (here it can only mean 0)
+            self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        cin, cout, kh, kw = w_hat.shape
+        x2, w2, bias = input.reshape(input.shape[0], cin), w_hat.reshape(cin, cout * kh * kw), self._bias()
+        if bias is None:
+            y = torch.mm(x2, w2)
+        else:  # the bias of channel co at each of its kh * kw positions
+            y = torch.addmm(bias[:, None].expand(cout, kh * kw).reshape(-1), x2, w2)
         return y.view(input.shape[0], cout, kh, kw)
 
     def _functional(self, input: Tensor, weight: Tensor, output_size=None) -> Tensor:

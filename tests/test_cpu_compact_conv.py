@@ -101,13 +101,13 @@ class _Scaled(nn.Module):
 
 
 # every CPU path of the masked layers: the compacted conv (forced), and the linear node (a linear layer, a
-# conv with one output position, a transposed conv of a 1x1 map)
+# conv with one output position) and the GEMM of a transposed conv of a 1x1 map
 CPU_PATHS = [
     pytest.param(lambda: rgkernels.MaskedConv2d(5, 7, 3, padding=1), (2, 5, 6, 5), id="conv-compact"),
     pytest.param(lambda: rgkernels.MaskedConvTranspose2d(5, 7, 3, stride=2), (2, 5, 3, 4), id="transposed-compact"),
     pytest.param(lambda: rgkernels.MaskedLinear(5, 7), (3, 5), id="linear-node"),
     pytest.param(lambda: rgkernels.MaskedConv2d(5, 7, 3), (2, 5, 3, 3), id="conv-one-position-node"),
-    pytest.param(lambda: rgkernels.MaskedConvTranspose2d(5, 7, 3), (2, 5, 1, 1), id="transposed-1x1-node"),
+    pytest.param(lambda: rgkernels.MaskedConvTranspose2d(5, 7, 3), (2, 5, 1, 1), id="transposed-1x1-gemm"),
 ]
 
 

@@ -302,7 +302,7 @@ def test_conv_lowered_to_a_linear_layer_takes_an_empty_batch():
     (lambda: nn.Conv2d(4, 8, 3), (2, 4, 5, 5)),
     (lambda: nn.Conv2d(4, 8, 3), (2, 4, 3, 3)),  # one output position: the CPU linear node
     (lambda: nn.ConvTranspose2d(4, 8, 3, stride=2), (2, 4, 3, 3)),
-    (lambda: nn.ConvTranspose2d(4, 8, 3), (2, 4, 1, 1)),  # a 1x1 map: the CPU linear node on repeated thresholds
+    (lambda: nn.ConvTranspose2d(4, 8, 3), (2, 4, 1, 1)),  # a 1x1 map: one GEMM on the stacked rows' W_hat
 ])
 def test_threshold_written_only_when_the_guard_fires(make, shape):
     """A graph that used the threshold before the layer's forward (a regulariser computed first) still

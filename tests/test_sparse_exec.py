@@ -857,8 +857,8 @@ def test_compiled_backward_flops_reach_the_counter_through_the_sink():
 
 
 def test_conv_transpose_on_one_position_under_torch_compile_with_the_guard():
-    """FastGAN's first layer (a transposed conv on a 1x1 map: the CPU masked-linear node, whose collapse
-    guard writes the threshold back) compiles as one graph; the guard fires as in eager mode."""
+    """FastGAN's first layer (a transposed conv on a 1x1 map: the mask on the stacked rows and one GEMM; its
+    collapse guard writes the threshold back) compiles as one graph; the guard fires as in eager mode."""
     torch.manual_seed(5)
     layer = rgkernels.sparsify(nn.ConvTranspose2d(8, 6, 4))
     with torch.no_grad():
