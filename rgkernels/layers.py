@@ -629,8 +629,10 @@ class MaskedConvTranspose2d(MaskedLayer, nn.ConvTranspose2d):
             return None
         if (self.groups != 1 or input.dim() != 4 or input.shape[2] != 1 or input.shape[3] != 1
                 or tuple(self.stride) != (1, 1) or tuple(self.padding) != (0, 0) or tuple(self.dilation) != (1, 1)
-                or input.shape[1] != w_hat.shape[0] or input.dtype != w_hat.dtype):
-            # (a wrong input gets F.conv_transpose2d's own error from the generic path)
+                or (output_size is None and tuple(self.output_padding) != (0, 0))
+                or input.shape[1] != w_hat.shape[0] or input.dtype != w_hat.dtype or w_hat.numel() == 0):
+            # (a wrong input, an invalid output_padding or an empty weight gets F.conv_transpose2d's own
+            # error from the generic path)
             return super()._cpu_compact_forward(input, w_hat, output_size=output_size)
         if output_size is not None:  # validates it as nn.ConvTranspose2d does (here it can only mean 0)
             self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)

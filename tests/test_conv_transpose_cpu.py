@@ -243,3 +243,16 @@ def test_low_precision_one_position(dtype, tol):
     want = F.conv_transpose2d(x.double(), w_hat, layer.bias.detach().double())
     assert y.dtype == dtype
     torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # nn's init of the empty weight
+def test_invalid_configurations_raise_as_nn_does():
+    """Where nn.ConvTranspose2d refuses a configuration, the GEMM does not run it: an output_padding that
+    stride 1 and dilation 1 do not allow, an empty weight (from a review: both used to return a result)."""
+    x = torch.randn(2, 8, 1, 1)
+    for make, inp in ((lambda c: c(8, 6, 4, output_padding=1), x), (lambda c: c(0, 6, 4), torch.randn(2, 0, 1, 1))):
+        with pytest.raises(RuntimeError) as want:
+            make(nn.ConvTranspose2d)(inp)
+        with pytest.raises(RuntimeError) as got:
+            make(rgkernels.MaskedConvTranspose2d)(inp)
+        assert str(got.value).split("\n")[0] == str(want.value).split("\n")[0]
