@@ -4,6 +4,8 @@
 
 Reference: DESIGN.md §2 in float64 (test_masked_weight.ref64) on the layer's mask rows [C_out, C_in/g * kh * kw],
 then F.conv_transpose2d in float64."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rgkernels
 from rgkernels import layers as layers_mod
 
+from test_cpu_masked_linear import thresholds
 from test_masked_weight import ref64, rel_err
 
 
@@ -20,8 +23,7 @@ def _pruned(*args, keep=0.5, seed=0, **kw):
     torch.manual_seed(seed)
     layer = rgkernels.MaskedConvTranspose2d(*args, **kw)
     with torch.no_grad():
-        rows = layer._to_rows(layer.weight).reshape(layer.mask_rows, -1).abs()
-        layer.threshold.copy_(rows.quantile(1 - keep, dim=1))
+        layer.threshold.copy_(thresholds(layer._to_rows(layer.weight), keep))
     return layer
 
 
@@ -210,7 +212,7 @@ def test_grouped_masks_equal_per_layer():
                 m.threshold.copy_(m._to_rows(m.weight).flatten(1).abs().median(1).values)
     with torch.no_grad():
         model[2].threshold += 10.0  # its guard fires
-    twin = _clone(model)
+    twin = copy.deepcopy(model)
     x = torch.randn(2, 6, 1, 1)
     with rgkernels.grouped_masks(model):
         y = model(x)
@@ -224,12 +226,6 @@ def test_grouped_masks_equal_per_layer():
     assert torch.equal(model[2].threshold, torch.zeros(4))
     for a, b in ((model[0], twin[0]), (model[2], twin[2])):
         assert torch.equal(a.last_counts, b.last_counts) and torch.equal(a.mask(), b.mask())
-
-
-def _clone(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
